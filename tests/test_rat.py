@@ -1,0 +1,207 @@
+"""RAT: the shared causal-LM checks over a table of tiny configs, then what is RAT's own."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rat_hf import PRESETS, RatConfig, RatForCausalLM, RatForSequenceClassification
+from rat_hf.models.rat.modeling_rat import RatPolicyGate
+
+from causal_lm_checks import CausalLMChecks
+
+TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64)
+CONFIGS = {
+    "mha-soft": dict(TINY),
+    "gqa-soft": dict(TINY, num_key_value_heads=2),
+    "one-policy": dict(TINY, n_policies=1),
+    "reinforce": dict(TINY, gating_mode="reinforce", n_policies=3, conv_kernel_size=4),
+    "nope-untied": dict(TINY, use_rope=False, tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(params=list(CONFIGS), ids=list(CONFIGS))
+def config(request):
+    return RatConfig(**CONFIGS[request.param])
+
+
+class TestRatCausalLM(CausalLMChecks):
+    model_class = RatForCausalLM
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return RatForCausalLM(RatConfig(**{**TINY, **overrides}))
+
+
+def test_auto_classes_resolve():
+    config = AutoConfig.for_model("rat", **TINY)
+    assert isinstance(AutoModelForCausalLM.from_config(config), RatForCausalLM)
+    assert isinstance(AutoModelForSequenceClassification.from_config(config), RatForSequenceClassification)
+
+
+def test_uniform_gating_is_one():
+    """A policy net that outputs equal logits gates every head by exactly 1 (the seed's softmax gave 1/H)."""
+    config = RatConfig(**TINY)
+    gate = RatPolicyGate(config)
+    torch.nn.init.zeros_(gate.policy_out_weight)
+    torch.nn.init.zeros_(gate.policy_out_bias)
+    gates, _ = gate(torch.randn(2, 5, config.hidden_size))
+    torch.testing.assert_close(gates, torch.ones(2, 5, config.num_attention_heads))
+
+
+def test_training_steps_change_parameters_and_lower_loss():
+    model = tiny_model().train()
+    ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    changed = [n for n, p in model.state_dict().items() if not torch.equal(p, before[n])]
+    assert any("gate.selector" in n for n in changed) and any("q_proj" in n for n in changed)
+
+
+def test_reinforce_loss_reaches_only_the_selector():
+    model = tiny_model(gating_mode="reinforce", policy_loss_coef=1.0).train()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    assert out.policy_loss is not None and out.lm_loss is not None
+    torch.testing.assert_close(out.loss, out.lm_loss + out.policy_loss)
+    out.policy_loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad, "the policy loss must train the selectors"
+    assert all(".gate.selector_" in n for n in with_grad), sorted(with_grad)
+    # ... and the LM loss never reaches the selectors (they choose by sampling)
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).lm_loss.backward()
+    selector_grads = [p.grad for n, p in model.named_parameters() if ".gate.selector_" in n]
+    assert all(g is None or g.abs().sum() == 0 for g in selector_grads)
+
+
+def test_reinforce_eval_is_deterministic_expectation():
+    model = tiny_model(gating_mode="reinforce").eval()
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        a, b = model(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
+    assert torch.equal(a.logits, b.logits) and a.policy_loss is None
+    assert a.gate_entropy.shape == (2,) and a.policy_usage.shape == (2, 3)
+    torch.testing.assert_close(a.policy_usage.sum(-1), torch.ones(2))
+
+
+def test_lm_loss_matches_standard_loss_in_reinforce_mode():
+    model = tiny_model(gating_mode="reinforce").train()
+    ids = torch.randint(0, 97, (2, 12))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    torch.manual_seed(3)
+    out = model(input_ids=ids, labels=labels)
+    expected = model.loss_function(logits=out.logits, labels=labels, vocab_size=97)
+    torch.testing.assert_close(out.lm_loss, expected)
+
+
+def test_seed_style_config_builds_the_same_model():
+    seed = RatConfig(vocab_size=30000, d_model=512, n_layers=6, n_heads=8, n_policies=3, max_seq_len=2048, dropout=0.1,
+                     mlp_ratio=4, use_rope=True, tie_weights=True, use_checkpointing=False)
+    ours = RatConfig(vocab_size=30000, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, n_policies=3,
+                     max_position_embeddings=2048, hidden_dropout=0.1, attention_dropout=0.1, intermediate_size=2048,
+                     use_rope=True, tie_word_embeddings=True, use_gradient_checkpointing=False)
+    assert seed.to_dict() == ours.to_dict()
+    torch.manual_seed(0)
+    a = RatForCausalLM(seed)
+    torch.manual_seed(0)
+    b = RatForCausalLM(ours)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_seed_checkpointing_flag_enables_gradient_checkpointing():
+    model = RatForCausalLM(RatConfig(**TINY, use_checkpointing=True))
+    assert model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(hidden_size=30, num_attention_heads=4, head_dim=None, num_key_value_heads=3), "num_attention_heads"),
+        (dict(gating_mode="hard"), "gating_mode"),
+        (dict(n_policies=0), "n_policies"),
+        (dict(n_policies=1, gating_mode="reinforce"), "n_policies"),
+        (dict(conv_kernel_size=1), "conv_kernel_size"),
+        (dict(hidden_dropout=1.5), "hidden_dropout"),
+        (dict(vocab_size=-3), "vocab_size"),
+        (dict(layer_types=["full_attention", "hybrid"]), "layer_types"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(kwargs, field):
+    with pytest.raises(ValueError, match=rf"RatConfig\.{field}="):
+        RatConfig(**{**TINY, **kwargs})
+
+
+def test_unknown_preset_raises():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        RatConfig.from_preset("huge")
+
+
+def test_preset_parameter_counts_match_docstring():
+    from rat_hf.models.rat import configuration_rat
+
+    source = open(configuration_rat.__file__).read()
+    with torch.device("meta"):
+        for name in PRESETS:
+            count = RatForCausalLM(RatConfig.from_preset(name)).num_parameters()
+            assert f"# {count:,} parameters" in source, (name, count)
+
+
+def test_lora_trains_and_merges():
+    peft = pytest.importorskip("peft")
+    model = tiny_model()
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                    "up_proj", "down_proj"], init_lora_weights=False)
+    )
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = torch.randint(0, 97, (2, 10))
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
+    lora.train()
+    for _ in range(3):
+        lora(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert any(not torch.equal(p, before[n]) for n, p in lora.named_parameters() if p.requires_grad)
+    lora.eval()
+    with torch.no_grad():
+        adapted = lora(input_ids=ids).logits
+        merged = lora.merge_and_unload()
+        assert isinstance(merged, RatForCausalLM)
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_classification_head():
+    torch.manual_seed(0)
+    model = RatForSequenceClassification(RatConfig(**TINY, num_labels=1, pad_token_id=0)).eval()
+    ids = torch.randint(3, 97, (2, 7))
+    ids[1, 5:] = 0  # right padding: the score is read at the last real token
+    out = model(input_ids=ids)
+    assert out.logits.shape == (2, 1)
+    with torch.no_grad():
+        alone = model(input_ids=ids[1:, :5]).logits
+    torch.testing.assert_close(out.logits[1:], alone, atol=1e-5, rtol=0)
+
+
+def test_torch_compile_matches_eager():
+    model = tiny_model().eval()
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, backend="eager", fullgraph=False)(input_ids=ids).logits
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
