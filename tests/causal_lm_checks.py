@@ -86,6 +86,13 @@ class CausalLMChecks:
         assert torch.equal(with_cache, without)
         assert with_cache.shape == (2, 12)
 
+    def test_static_cache_generate_equals_dynamic(self, model):
+        ids = self.ids(model, 2, 6)
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=mask, **self.extra_inputs(model, 2))
+        assert torch.equal(model.generate(ids, **kw), model.generate(ids, cache_implementation="static", **kw))
+
     def test_sampling_generate(self, model):
         ids = self.ids(model, 1, 4)
         torch.manual_seed(0)

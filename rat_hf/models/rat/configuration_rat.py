@@ -18,15 +18,15 @@ _SEED_ALIASES = {
 }
 
 # The seed's documented sizes (its docs said ~3M, ~85M, ~340M, well under what it built). Parameter counts are the real ones of the model this package builds (tied embeddings,
-# SwiGLU of width 4*d, policy nets of width d/2), printed by `RatForCausalLM(RatConfig.from_preset(name)).num_parameters()`.
+# SwiGLU of width 4*d, policy nets of width d/8), printed by `RatForCausalLM(RatConfig.from_preset(name)).num_parameters()`.
 PRESETS = {
-    # 7,424,808 parameters
+    # 7,124,904 parameters
     "small": dict(vocab_size=10000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, n_policies=2,
                   max_position_embeddings=512),
-    # 157,792,980 parameters
+    # 147,027,540 parameters
     "base": dict(vocab_size=30000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, n_policies=3,
                  max_position_embeddings=2048),
-    # 543,029,856 parameters
+    # 495,171,168 parameters
     "large": dict(vocab_size=50000, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, n_policies=4,
                   max_position_embeddings=4096),
 }
@@ -54,7 +54,9 @@ class RatConfig(PreTrainedConfig):
         rope_parameters: transformers RoPE dict (`{"rope_type": "default", "rope_theta": 10000.0}` by default).
         use_rope: rotary position embeddings on queries and keys; `False` relies on causality + the convolution (NoPE).
         n_policies: number of policy nets proposing per-head gates at every token.
-        policy_hidden_size: width of each policy net and of the selector; defaults to `hidden_size // 2` (the seed's).
+        policy_hidden_size: width of each policy net and of the selector; defaults to `hidden_size // 8`. The seed's
+            `hidden_size // 2` nets cost ~2·d² parameters per layer, more than the attention's output projection; at d/8
+            the gating is ~2% of a layer's FLOPs, which is what "small policy nets" should cost.
         gating_mode: `"soft"` mixes the policies with the selector's weights, trained by backprop; `"reinforce"` samples
             one policy per token and layer while training and trains the selector with REINFORCE (expectation in eval).
         policy_loss_coef: weight of the REINFORCE loss added to the LM loss.
@@ -143,7 +145,7 @@ class RatConfig(PreTrainedConfig):
         self.rope_parameters = dict(rope_parameters) if rope_parameters else {"rope_type": "default", "rope_theta": 10000.0}
         self.use_rope = use_rope
         self.n_policies = n_policies
-        self.policy_hidden_size = policy_hidden_size if policy_hidden_size is not None else max(hidden_size // 2, 1)
+        self.policy_hidden_size = policy_hidden_size if policy_hidden_size is not None else max(hidden_size // 8, 1)
         self.gating_mode = gating_mode
         self.policy_loss_coef = policy_loss_coef
         self.entropy_coef = entropy_coef
@@ -195,7 +197,7 @@ class RatConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "RatConfig":
-        """The seed's `small` (7.4M parameters), `base` (157.8M) or `large` (543.0M) sizes; `overrides` win."""
+        """The seed's `small` (7.1M parameters), `base` (147.0M) or `large` (495.2M) sizes; `overrides` win."""
         if name not in PRESETS:
             raise ValueError(f"RatConfig.from_preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

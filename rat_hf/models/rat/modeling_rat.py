@@ -27,7 +27,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -403,14 +403,14 @@ class RatModel(RatPreTrainedModel):
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)  # [1, T]
 
-        causal_mask = create_causal_mask(
-            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=position_ids,
-        )
-        # The convolution needs the 2D padding mask of the new tokens only.
-        padding_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            padding_mask = attention_mask[:, -seq_len:]
+        if isinstance(attention_mask, dict):  # prepared by generate() for a compilable (static) cache
+            causal_mask, padding_mask = attention_mask["full_attention"], attention_mask["linear_attention"]
+        else:
+            mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               past_key_values=past_key_values, position_ids=position_ids)
+            causal_mask = create_causal_mask(**mask_kwargs)
+            # 2D padding mask of the new tokens for the convolution (None when nothing is padded)
+            padding_mask = create_recurrent_attention_mask(**mask_kwargs)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
 
         hidden_states = inputs_embeds
