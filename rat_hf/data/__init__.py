@@ -1,0 +1,12 @@
+"""Data for rat_hf: the exact Random Language Model, offline corpora, chat, interaction and curriculum data.
+
+Nothing here imports `datasets` at module import time: the functions that build a `datasets.Dataset` import it
+when called, so `import rat_hf.data` works without the `train` extra.
+"""
+
+from .rlm import RandomLanguageModel, RLMStream
+
+__all__ = [
+    "RLMStream",
+    "RandomLanguageModel",
+]
