@@ -1,0 +1,232 @@
+"""Reactive Transformer (RxT) configuration.
+
+One flat config builds the three parts of an RxT: the decoder that answers a query from the short-term memory (STM),
+the encoder that reads the finished interaction, and the memory-attention network that folds it into the STM. The
+defaults build a ~22M-parameter model (printed by `RxTForCausalLM(RxTConfig()).num_parameters()`: 22,445,312).
+"""
+
+from transformers import PreTrainedConfig
+
+# Attention variants: how many query and key/value heads a component uses, given `num_attention_heads` (H, which sets
+# `head_dim`), `num_query_heads` (Hq, SQA only) and `num_key_value_heads` (Hkv, GQA and SQA).
+ATTENTION_VARIANTS = ("mha", "gqa", "mqa", "sqa", "ssqa", "xsqa")
+MEMORY_ATTENTION_TYPES = ("simple", "self", "interlayer", "gated_self_interlayer")
+MEMORY_GATE_TYPES = ("static", "dynamic")
+# The components that choose a variant, as `<component>_attention_variant` fields.
+ATTENTION_COMPONENTS = ("self", "cross", "encoder", "memory")
+
+
+class RxTConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Reactive Transformer.
+
+    Shapes: the STM is `[batch, num_hidden_layers, stm_size, hidden_size]` (batch first, so `generate()` repeats it
+    for beams). Decoder layer `l` reads STM layer `l`; memory-attention layer `l` writes it from the encoder layer that
+    `encoder_layer_for_memory_layer(l)` names (the last one when depths are equal).
+
+    Args:
+        vocab_size: size of the token vocabulary (encoder and decoder share the embedding).
+        hidden_size: width of the decoder, the encoder and the STM slots.
+        intermediate_size: decoder SwiGLU width (dense decoder).
+        num_hidden_layers: decoder layers; also the number of STM layers and of memory-attention layers.
+        num_encoder_layers: encoder layers; defaults to `num_hidden_layers`.
+        encoder_intermediate_size: encoder SwiGLU width; defaults to `intermediate_size`.
+        num_attention_heads: H, the full head count; `head_dim` defaults to `hidden_size // H`.
+        num_key_value_heads: key/value heads of the `gqa` and `sqa` variants.
+        num_query_heads: query heads of the `sqa` variant (must be < H: that is what saves the FLOPs).
+        head_dim: per-head width.
+        self_attention_variant, cross_attention_variant, encoder_attention_variant, memory_attention_variant: one of
+            `mha` (H query, H kv heads), `gqa` (H, num_key_value_heads), `mqa` (H, 1), `sqa` (num_query_heads,
+            num_key_value_heads), `ssqa` (symmetric: H/2, H/2), `xsqa` (extreme: H/4, H/4) for, in order, the decoder's
+            causal self-attention, its memory cross-attention, the encoder's self-attention and the memory attention.
+        stm_size: memory slots per STM layer.
+        memory_attention_type: `simple` (slots attend to the encoded interaction), `self` (slots first attend to each
+            other), `interlayer` (slots first attend to the mean of all STM layers) or `gated_self_interlayer` (first to
+            a per-slot sigmoid mix of their own layer and the mean of all layers).
+        memory_gate_type: the residual gate `STM' = G * update + (1 - G) * STM` is per slot; `static` learns one logit
+            per slot, `dynamic` computes it from the slot's old value plus its update.
+        memory_gate_init: initial gate logit (0.0 -> G = 0.5).
+        num_experts: decoder MoE experts (0 = dense SwiGLU).
+        num_experts_per_tok: experts each token is routed to (top-k).
+        moe_intermediate_size: width of each expert; defaults to `intermediate_size`.
+        norm_topk_prob: renormalise the top-k routing weights to sum to one.
+        router_aux_loss_coef: weight of the load-balancing loss added to the LM loss when labels are given.
+        max_position_embeddings: longest single interaction the RoPE tables are meant for (memory carries the rest).
+        rope_parameters: transformers RoPE dict (`{"rope_type": "default", "rope_theta": 10000.0}` by default).
+        query_token_id, answer_token_id: ids of the `[Q]` and `[A]` tokens that open a query and an answer.
+        hidden_act, hidden_dropout, attention_dropout, rms_norm_eps, initializer_range, attention_bias, mlp_bias,
+        tie_word_embeddings, pad/bos/eos_token_id: as in Llama.
+    """
+
+    model_type = "rxt"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.cross_attn.q_proj": "colwise",
+        "layers.*.cross_attn.k_proj": "colwise",
+        "layers.*.cross_attn.v_proj": "colwise",
+        "layers.*.cross_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 256,
+        intermediate_size: int = 768,
+        num_hidden_layers: int = 6,
+        num_encoder_layers: int | None = None,
+        encoder_intermediate_size: int | None = None,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int = 2,
+        num_query_heads: int = 4,
+        head_dim: int | None = None,
+        self_attention_variant: str = "gqa",
+        cross_attention_variant: str = "gqa",
+        encoder_attention_variant: str = "sqa",
+        memory_attention_variant: str = "sqa",
+        stm_size: int = 256,
+        memory_attention_type: str = "gated_self_interlayer",
+        memory_gate_type: str = "dynamic",
+        memory_gate_init: float = 0.0,
+        num_experts: int = 0,
+        num_experts_per_tok: int = 2,
+        moe_intermediate_size: int | None = None,
+        norm_topk_prob: bool = True,
+        router_aux_loss_coef: float = 0.01,
+        max_position_embeddings: int = 1024,
+        rope_parameters: dict | None = None,
+        hidden_act: str = "silu",
+        hidden_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        attention_bias: bool = False,
+        mlp_bias: bool = False,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = True,
+        pad_token_id: int | None = 0,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | list[int] | None = 2,
+        query_token_id: int = 3,
+        answer_token_id: int = 4,
+        layer_types: list[str] | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_encoder_layers = num_encoder_layers if num_encoder_layers is not None else num_hidden_layers
+        self.encoder_intermediate_size = (
+            encoder_intermediate_size if encoder_intermediate_size is not None else intermediate_size
+        )
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.num_query_heads = num_query_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // max(num_attention_heads, 1)
+        self.self_attention_variant = self_attention_variant
+        self.cross_attention_variant = cross_attention_variant
+        self.encoder_attention_variant = encoder_attention_variant
+        self.memory_attention_variant = memory_attention_variant
+        self.stm_size = stm_size
+        self.memory_attention_type = memory_attention_type
+        self.memory_gate_type = memory_gate_type
+        self.memory_gate_init = memory_gate_init
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size if moe_intermediate_size is not None else intermediate_size
+        self.norm_topk_prob = norm_topk_prob
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_parameters = dict(rope_parameters) if rope_parameters else {"rope_type": "default", "rope_theta": 10000.0}
+        self.hidden_act = hidden_act
+        self.hidden_dropout = hidden_dropout
+        self.attention_dropout = attention_dropout
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.attention_bias = attention_bias
+        self.mlp_bias = mlp_bias
+        self.use_cache = use_cache
+        self.query_token_id = query_token_id
+        self.answer_token_id = answer_token_id
+        # Only the decoder's self-attention is cached; the memory cross-attention keys/values are computed once per turn.
+        self.layer_types = list(layer_types) if layer_types is not None else ["full_attention"] * num_hidden_layers
+        self._validate()
+        super().__init__(
+            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings, **kwargs,
+        )
+
+    def attention_heads(self, variant: str) -> tuple[int, int]:
+        """`(query heads, key/value heads)` of an attention variant under this config."""
+        heads = self.num_attention_heads
+        return {
+            "mha": (heads, heads),
+            "gqa": (heads, self.num_key_value_heads),
+            "mqa": (heads, 1),
+            "sqa": (self.num_query_heads, self.num_key_value_heads),
+            "ssqa": (heads // 2, heads // 2),
+            "xsqa": (heads // 4, heads // 4),
+        }[variant]
+
+    def encoder_layer_for_memory_layer(self, layer_idx: int) -> int:
+        """The encoder layer whose output memory-attention layer `layer_idx` reads: evenly spaced, ending at the last."""
+        return max((layer_idx + 1) * self.num_encoder_layers // self.num_hidden_layers - 1, 0)
+
+    def _validate(self) -> None:
+        def need(ok: bool, field: str, constraint: str) -> None:
+            if not ok:
+                raise ValueError(f"RxTConfig.{field}={getattr(self, field)!r} is invalid: {constraint}")
+
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_encoder_layers",
+                      "encoder_intermediate_size", "num_attention_heads", "num_key_value_heads", "num_query_heads",
+                      "head_dim", "stm_size", "num_experts_per_tok", "moe_intermediate_size",
+                      "max_position_embeddings"):
+            value = getattr(self, field)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, "must be a positive int")
+        need(isinstance(self.num_experts, int) and self.num_experts >= 0, "num_experts", "must be an int >= 0 (0 = dense)")
+        need(self.num_experts == 0 or self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
+             f"must be <= num_experts ({self.num_experts})")
+        need(self.head_dim % 2 == 0, "head_dim", "must be even for rotary embeddings")
+        heads = self.num_attention_heads
+        for component in ATTENTION_COMPONENTS:
+            field = f"{component}_attention_variant"
+            variant = getattr(self, field)
+            need(variant in ATTENTION_VARIANTS, field, f"must be one of {list(ATTENTION_VARIANTS)}")
+            if variant == "gqa":
+                need(self.num_key_value_heads < heads and heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                     f"must be < num_attention_heads ({heads}) and divide it for the 'gqa' variant of {field}")
+            elif variant == "sqa":
+                need(self.num_query_heads < heads, "num_query_heads",
+                     f"must be < num_attention_heads ({heads}) for the 'sqa' variant of {field}")
+                need(self.num_query_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                     f"must divide num_query_heads ({self.num_query_heads}) for the 'sqa' variant of {field}")
+            elif variant in ("ssqa", "xsqa"):
+                divisor = 2 if variant == "ssqa" else 4
+                need(heads % divisor == 0, "num_attention_heads", f"must be a multiple of {divisor} for the "
+                     f"'{variant}' variant of {field}")
+        need(self.memory_attention_type in MEMORY_ATTENTION_TYPES, "memory_attention_type",
+             f"must be one of {list(MEMORY_ATTENTION_TYPES)}")
+        need(self.memory_gate_type in MEMORY_GATE_TYPES, "memory_gate_type", f"must be one of {list(MEMORY_GATE_TYPES)}")
+        for field in ("hidden_dropout", "attention_dropout"):
+            need(0.0 <= getattr(self, field) < 1.0, field, "must be in [0, 1)")
+        need(self.router_aux_loss_coef >= 0.0, "router_aux_loss_coef", "must be >= 0")
+        for field in ("query_token_id", "answer_token_id"):
+            value = getattr(self, field)
+            need(isinstance(value, int) and 0 <= value < self.vocab_size, field,
+                 f"must be a token id in [0, vocab_size={self.vocab_size})")
+        need(self.query_token_id != self.answer_token_id, "answer_token_id", "must differ from query_token_id")
+        need(self.layer_types == ["full_attention"] * self.num_hidden_layers, "layer_types",
+             f"must be ['full_attention'] * num_hidden_layers ({self.num_hidden_layers}): only decoder self-attention "
+             "is cached")
+        need(isinstance(self.rope_parameters, dict) and "rope_type" in self.rope_parameters, "rope_parameters",
+             "must be a dict with a 'rope_type' key")
+
+
+__all__ = ["RxTConfig"]

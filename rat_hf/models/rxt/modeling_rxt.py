@@ -1,0 +1,735 @@
+"""Reactive Transformer (RxT) as a transformers model.
+
+An RxT answers each query from a fixed-size short-term memory (STM) and folds the finished interaction into that
+memory afterwards, so the cost of a turn does not grow with the conversation:
+
+    answer  = decoder([Q] query [A] ..., memory)       # causal self-attention -> memory cross-attention -> SwiGLU/MoE
+    encoded = encoder([Q] query [A] answer [EOS])       # bidirectional, every layer's hidden states
+    memory' = memory_attention(memory, encoded)         # per STM layer: slots attend to the encoded interaction,
+                                                        # STM' = G * update + (1 - G) * STM (sigmoid gate per slot)
+
+The memory is explicit: a tensor `[batch, num_hidden_layers, stm_size, hidden_size]` from `init_memory(batch)`,
+passed to `forward`/`generate(..., memory=m)` and returned by `update_memory(m, input_ids, attention_mask)`. Nothing
+is kept on the module. Batch first, so `generate()` repeats it for beams and `num_return_sequences`.
+
+One attention class serves every component and every head layout (MHA, GQA, MQA, SQA and its symmetric and extreme
+variants); RoPE rotates queries and keys in self-attention, queries only in the memory cross-attention (the slots
+have no position) and keys only in the memory attention (the queries are slots). Any backend of the
+attention-function registry runs it. With a cache, the cross-attention keys/values of the memory are computed once
+per turn and reused at every decoding step. This file imports only torch, transformers and its configuration: it
+ships to the Hub as remote code.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_rxt import RxTConfig
+
+
+# Copied from transformers.models.llama.modeling_llama.LlamaRMSNorm with Llama->RxT
+class RxTRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+# Copied from transformers.models.llama.modeling_llama.LlamaRotaryEmbedding with Llama->RxT
+class RxTRotaryEmbedding(nn.Module):
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: RxTConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters.get("rope_theta", 10000.0)
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device_type = x.device.type if x.device.type != "mps" else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):  # RoPE tables in float32 whatever the autocast
+            freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # [B, T, hd/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, hd]
+            cos = emb.cos() * self.attention_scaling
+            sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+# Copied from transformers.models.llama.modeling_llama.rotate_half
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's `apply_rotary_pos_emb` for one tensor `[B, H, T, hd]`: RxT rotates queries and keys independently."""
+    return (x * cos.unsqueeze(1)) + (rotate_half(x) * sin.unsqueeze(1))
+
+
+# Copied from transformers.models.llama.modeling_llama.repeat_kv
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+# Copied from transformers.models.llama.modeling_llama.eager_attention_forward
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+# Adapted from transformers.models.llama.modeling_llama.LlamaMLP with Llama->RxT (the width is an argument: the
+# decoder, the encoder and the experts each have their own)
+class RxTMLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, config: RxTConfig, intermediate_size: int | None = None):
+        super().__init__()
+        intermediate_size = intermediate_size if intermediate_size is not None else config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RxTSparseMoeBlock(nn.Module):
+    """Top-k routed SwiGLU experts (token choice). Each expert is an `RxTMLP`, so LoRA's default names reach them."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(RxTMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, D]
+        router_logits = self.router(flat)  # [N, E]
+        routing = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(routing, self.top_k, dim=-1)  # [N, k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(flat.dtype)
+        output = torch.zeros_like(flat)
+        for expert_idx in chosen.unique().tolist():
+            token_idx, slot = torch.where(chosen == expert_idx)
+            expert_out = self.experts[expert_idx](flat[token_idx]) * weights[token_idx, slot, None]
+            output.index_add_(0, token_idx, expert_out)
+        return output.view_as(hidden_states), router_logits
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch-style auxiliary loss `E * sum_e f_e * P_e` over all MoE layers, padding excluded.
+
+    f_e: fraction of (token, slot) routings that chose expert e; P_e: mean router probability of e. Balanced routing
+    gives `top_k`; collapse onto one expert gives up to `top_k * E`.
+    """
+    logits = torch.stack(router_logits).float()  # [L, N, E]
+    probs = torch.softmax(logits, dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices  # [L, N, k]
+    routed = F.one_hot(chosen, num_experts).float()  # [L, N, k, E]
+    if attention_mask is None or attention_mask.dim() != 2:
+        weight = torch.ones(probs.shape[1], device=probs.device)
+    else:
+        num_tokens = probs.shape[1] // attention_mask.shape[0]
+        weight = attention_mask[:, -num_tokens:].reshape(-1).to(probs.device, torch.float32)  # [N]
+    total = weight.sum().clamp(min=1) * probs.shape[0]
+    tokens_per_expert = torch.einsum("lnke,n->ke", routed, weight) / total  # [k, E]
+    prob_per_expert = torch.einsum("lne,n->e", probs, weight) / total  # [E]
+    return num_experts * (tokens_per_expert * prob_per_expert).sum()
+
+
+class RxTAttention(nn.Module):
+    """Attention for every RxT component and head layout.
+
+    `num_heads` query heads and `num_key_value_heads` key/value heads of width `head_dim`, as the config's variant
+    names them: MHA (H, H), GQA (H, Hkv), MQA (H, 1), SQA (Hq < H, Hkv), sSQA (H/2, H/2), xSQA (H/4, H/4). Fewer query
+    heads shrink `q_proj`, the score matrix and `o_proj`: SQA saves attention FLOPs, GQA/MQA save KV memory.
+    Keys/values come from `key_value_states` (cross-attention), from precomputed `key_value`, or from the input.
+    """
+
+    def __init__(
+        self, config: RxTConfig, variant: str, layer_idx: int, is_causal: bool, rope_queries: bool, rope_keys: bool
+    ):
+        super().__init__()
+        self.config = config
+        self.variant = variant
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_key_value_heads = config.attention_heads(variant)
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = is_causal
+        self.rope_queries, self.rope_keys = rope_queries, rope_keys
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+
+    def project_key_value(
+        self, states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[B, Hkv, T, hd]` of `states` `[B, T, D]`; keys rotated when this attention ropes keys."""
+        hidden_shape = (*states.shape[:-1], -1, self.head_dim)
+        key_states = self.k_proj(states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(states).view(hidden_shape).transpose(1, 2)
+        if self.rope_keys and position_embeddings is not None:
+            key_states = apply_rotary(key_states, *position_embeddings)
+        return key_states, value_states
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # [B, Hq, T, hd]
+        if self.rope_queries and position_embeddings is not None:
+            query_states = apply_rotary(query_states, *position_embeddings)
+        if key_value is None:
+            states = hidden_states if key_value_states is None else key_value_states
+            key_value = self.project_key_value(states, position_embeddings)
+        key_states, value_states = key_value
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
+        )  # attn_output: [B, T, Hq, hd]
+        return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
+
+
+class RxTGateLinear(nn.Linear):
+    """The dynamic gate's projection: its own class so `_init_weights` can give it the configured bias."""
+
+
+class RxTResidualGate(nn.Module):
+    """Per-slot sigmoid residual gate: `new = G * update + (1 - G) * old`, G `[B, S, 1]`.
+
+    `static`: one learned logit per slot. `dynamic`: the logit is a linear function of `old + update`.
+    """
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.static = config.memory_gate_type == "static"
+        if self.static:
+            self.gate_logits = nn.Parameter(torch.full((config.stm_size, 1), float(config.memory_gate_init)))
+        else:
+            self.gate_logit_proj = RxTGateLinear(config.hidden_size, 1)
+
+    def forward(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        logits = self.gate_logits if self.static else self.gate_logit_proj(old + update)
+        gate = torch.sigmoid(logits.float()).to(update.dtype)
+        return gate * update + (1 - gate) * old
+
+
+class RxTDecoderLayer(GradientCheckpointingLayer):
+    """Causal self-attention -> memory cross-attention (keys/values: this layer's normalised STM) -> SwiGLU or MoE."""
+
+    def __init__(self, config: RxTConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = RxTAttention(
+            config, config.self_attention_variant, layer_idx, is_causal=True, rope_queries=True, rope_keys=True
+        )
+        self.cross_attn = RxTAttention(
+            config, config.cross_attention_variant, layer_idx, is_causal=False, rope_queries=True, rope_keys=False
+        )
+        self.mlp = RxTSparseMoeBlock(config) if config.num_experts else RxTMLP(config)
+        self.input_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.cross_attention_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.memory_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def memory_key_value(self, memory_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys/values `[B, Hkv, S, hd]` of this layer's STM `[B, S, D]` (no RoPE: slots are a set)."""
+        return self.cross_attn.project_key_value(self.memory_layernorm(memory_states))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        memory_key: torch.Tensor,
+        memory_value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, _ = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = hidden_states + self.dropout(attn_out)
+        cross_out, _ = self.cross_attn(
+            self.cross_attention_layernorm(hidden_states), position_embeddings, None, key_value=(memory_key, memory_value),
+            **kwargs,
+        )
+        hidden_states = hidden_states + self.dropout(cross_out)
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        router_logits = None
+        if isinstance(mlp_out, tuple):
+            mlp_out, router_logits = mlp_out
+        return hidden_states + self.dropout(mlp_out), router_logits
+
+
+class RxTEncoderLayer(GradientCheckpointingLayer):
+    """Bidirectional self-attention -> SwiGLU."""
+
+    def __init__(self, config: RxTConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = RxTAttention(
+            config, config.encoder_attention_variant, layer_idx, is_causal=False, rope_queries=True, rope_keys=True
+        )
+        self.mlp = RxTMLP(config, config.encoder_intermediate_size)
+        self.input_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_out, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, **kwargs)
+        hidden_states = hidden_states + self.dropout(attn_out)
+        return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+
+
+class RxTEncoder(nn.Module):
+    """The interaction encoder: returns the hidden states after every layer (the embedding is the model's, shared)."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([RxTEncoderLayer(config, i) for i in range(config.num_encoder_layers)])
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_embeddings, **kwargs
+    ) -> tuple[torch.Tensor, ...]:
+        hidden_states, all_states = inputs_embeds, []
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                                  **kwargs)
+            all_states.append(hidden_states)
+        return tuple(all_states)
+
+
+class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
+    """Writes one STM layer. `memory_attention_type` picks what the slots look at before the encoded interaction:
+
+    simple:                nothing;
+    self:                  the slots of their own layer (STM self-attention);
+    interlayer:            the mean of all STM layers;
+    gated_self_interlayer: per slot, `g * own layer + (1 - g) * mean of layers`, g a sigmoid of both.
+
+    That first stage is a gated residual update; then the slots (queries, no RoPE) attend to the encoded interaction
+    (keys with RoPE, padding masked) and the final gate writes `STM' = G * update + (1 - G) * STM`.
+    """
+
+    def __init__(self, config: RxTConfig, layer_idx: int):
+        super().__init__()
+        self.memory_attention_type = config.memory_attention_type
+        variant, eps = config.memory_attention_variant, config.rms_norm_eps
+        if self.memory_attention_type != "simple":
+            self.stm_attn = RxTAttention(config, variant, layer_idx, is_causal=False, rope_queries=False, rope_keys=False)
+            self.stm_layernorm = RxTRMSNorm(config.hidden_size, eps=eps)
+            self.stm_gate = RxTResidualGate(config)
+        if self.memory_attention_type in ("interlayer", "gated_self_interlayer"):
+            self.interlayer_layernorm = RxTRMSNorm(config.hidden_size, eps=eps)
+        if self.memory_attention_type == "gated_self_interlayer":
+            self.self_interlayer_gate = nn.Linear(config.hidden_size, 1)
+        self.attn = RxTAttention(config, variant, layer_idx, is_causal=False, rope_queries=False, rope_keys=True)
+        self.query_layernorm = RxTRMSNorm(config.hidden_size, eps=eps)
+        self.encoded_layernorm = RxTRMSNorm(config.hidden_size, eps=eps)
+        self.gate = RxTResidualGate(config)
+
+    def stm_context(self, normed_stm: torch.Tensor, layer_mean: torch.Tensor | None) -> torch.Tensor:
+        """What the slots attend to in the first stage."""
+        if self.memory_attention_type == "self":
+            return normed_stm
+        normed_mean = self.interlayer_layernorm(layer_mean)
+        if self.memory_attention_type == "interlayer":
+            return normed_mean
+        mix = torch.sigmoid(self.self_interlayer_gate(normed_stm + normed_mean).float()).to(normed_stm.dtype)
+        return mix * normed_stm + (1 - mix) * normed_mean
+
+    def forward(
+        self,
+        stm: torch.Tensor,
+        encoded: torch.Tensor,
+        layer_mean: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        hidden = stm
+        if self.memory_attention_type != "simple":
+            normed = self.stm_layernorm(stm)
+            update, _ = self.stm_attn(normed, None, None, key_value_states=self.stm_context(normed, layer_mean), **kwargs)
+            hidden = self.stm_gate(stm, update)
+        update, _ = self.attn(
+            self.query_layernorm(hidden), position_embeddings, attention_mask,
+            key_value_states=self.encoded_layernorm(encoded), **kwargs,
+        )
+        return self.gate(hidden, update)
+
+
+class RxTMemoryAttention(nn.Module):
+    """The memory-attention network: one layer per STM layer, all reading the memory from before this update."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.memory_attention_type = config.memory_attention_type
+        self.encoder_layer_ids = [config.encoder_layer_for_memory_layer(i) for i in range(config.num_hidden_layers)]
+        self.layers = nn.ModuleList([RxTMemoryAttentionLayer(config, i) for i in range(config.num_hidden_layers)])
+
+    def forward(
+        self,
+        memory: torch.Tensor,
+        encoder_hidden_states: tuple[torch.Tensor, ...],
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        **kwargs,
+    ) -> torch.Tensor:
+        layer_mean = memory.mean(dim=1) if "interlayer" in self.memory_attention_type else None  # [B, S, D]
+        new_layers = [
+            layer(memory[:, i], encoder_hidden_states[self.encoder_layer_ids[i]], layer_mean,
+                  attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs)
+            for i, layer in enumerate(self.layers)
+        ]
+        return torch.stack(new_layers, dim=1)  # [B, L, S, D]
+
+
+class RxTPreTrainedModel(PreTrainedModel):
+    config_class = RxTConfig
+    config: RxTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttentionLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the per-turn memory keys/values ride on the cache object
+    _can_record_outputs = {
+        "hidden_states": RxTDecoderLayer,
+        "attentions": OutputRecorder(RxTAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(RxTAttention, index=1, layer_name="cross_attn"),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, RxTModel):
+            init.normal_(module.memory_init, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, RxTResidualGate) and module.static:
+            init.constant_(module.gate_logits, self.config.memory_gate_init)
+        elif isinstance(module, RxTGateLinear):
+            init.constant_(module.bias, self.config.memory_gate_init)
+
+
+@dataclass
+class RxTModelOutputWithPast(BaseModelOutputWithPastAndCrossAttentions):
+    """Decoder outputs; `cross_attentions` are the memory cross-attention weights (eager attention only).
+
+    router_logits: per MoE layer, the router logits `[B*T, num_experts]` (None for a dense decoder).
+    """
+
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class RxTCausalLMOutputWithPast(CausalLMOutputWithCrossAttentions):
+    """`loss` = LM loss + `router_aux_loss_coef * aux_loss` (the load-balancing loss, MoE with labels only)."""
+
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class RxTModel(RxTPreTrainedModel):
+    """Embedding + decoder (the `forward`), with the encoder and the memory-attention network used by `update_memory`."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([RxTDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RxTRotaryEmbedding(config)
+        self.encoder = RxTEncoder(config)
+        self.memory_attention = RxTMemoryAttention(config)
+        # the learned initial STM, [L, S, D]
+        self.memory_init = nn.Parameter(torch.empty(config.num_hidden_layers, config.stm_size, config.hidden_size))
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    # --- memory ---------------------------------------------------------------------------------------------------
+    def init_memory(self, batch_size: int = 1, device=None, dtype=None) -> torch.Tensor:
+        """A fresh memory `[batch_size, num_hidden_layers, stm_size, hidden_size]` (the learned initial STM)."""
+        memory = self.memory_init.to(device=device, dtype=dtype)
+        return memory.unsqueeze(0).expand(batch_size, *memory.shape).clone()
+
+    def _check_memory(self, memory: torch.Tensor, batch_size: int) -> None:
+        expected = (self.config.num_hidden_layers, self.config.stm_size, self.config.hidden_size)
+        if memory.dim() != 4 or tuple(memory.shape[1:]) != expected or memory.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"RxT memory must have shape [batch={batch_size}, num_hidden_layers, stm_size, hidden_size] = "
+                f"[{batch_size}, {', '.join(map(str, expected))}] (a batch of 1 is broadcast); got {list(memory.shape)}"
+            )
+
+    def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The encoder's hidden states after every layer, each `[B, T, D]` (padding masked out of attention)."""
+        return self._encode(input_ids, attention_mask)[0]
+
+    def _encode(self, input_ids, attention_mask):
+        inputs_embeds = self.embed_tokens(input_ids)  # [B, T, D]
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        attention_mask = attention_mask.bool()
+        has_tokens = attention_mask.any(dim=-1)  # [B]
+        # an empty row attends to its padding (its result is discarded) so no softmax runs over nothing
+        attention_mask = attention_mask | ~has_tokens[:, None]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding: real tokens at 0..
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        encoded = self.encoder(inputs_embeds, mask, position_embeddings)
+        return encoded, attention_mask, has_tokens, position_embeddings
+
+    def update_memory(
+        self, memory: torch.Tensor | None, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The memory after reading the finished interactions `input_ids` (`[Q] query [A] answer [EOS]`, any padding).
+
+        Returns a new tensor; `memory` is left as it was. Rows whose `attention_mask` is all zeros keep their memory.
+        """
+        encoded, attention_mask, has_tokens, position_embeddings = self._encode(input_ids, attention_mask)
+        batch_size, dtype = input_ids.shape[0], encoded[0].dtype
+        if memory is None:
+            memory = self.init_memory(batch_size, dtype=dtype)
+        self._check_memory(memory, batch_size)
+        memory = memory.expand(batch_size, -1, -1, -1).to(dtype)
+        slots = memory[:, 0]  # [B, S, D], for the mask's shapes
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=slots, attention_mask=attention_mask, encoder_hidden_states=encoded[0]
+        )  # queries: slots, keys: tokens
+        new_memory = self.memory_attention(memory, encoded, mask, position_embeddings)
+        return torch.where(has_tokens[:, None, None, None], new_memory, memory)
+
+    def memory_key_values(
+        self, memory: torch.Tensor | None, batch_size: int, past_key_values: Cache | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every decoder layer's cross-attention keys/values `[B, Hkv, S, hd]` of `memory` (None: the initial memory).
+
+        With a cache they are computed once and kept on it for as long as the same memory tensor comes back, so a
+        decoding step costs nothing for the memory whatever `stm_size` is.
+        """
+        source = self.memory_init if memory is None else memory
+        stored = getattr(past_key_values, "_rxt_memory_key_values", None)
+        if stored is not None and stored[0] is source:
+            key_values = stored[1]
+        else:
+            if memory is None:
+                memory = self.memory_init.unsqueeze(0)
+            self._check_memory(memory, batch_size)
+            memory = memory.to(self.memory_init.dtype)
+            key_values = [layer.memory_key_value(memory[:, i]) for i, layer in enumerate(self.layers)]
+            if past_key_values is not None:
+                past_key_values._rxt_memory_key_values = (source, key_values)
+        return [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in key_values]
+
+    # --- decoder ----------------------------------------------------------------------------------------------------
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        memory: torch.Tensor | None = None,
+        **kwargs,
+    ) -> RxTModelOutputWithPast:
+        r"""
+        memory (`torch.Tensor` of shape `[batch, num_hidden_layers, stm_size, hidden_size]`, *optional*):
+            The short-term memory the decoder reads; `init_memory(batch)` when not given (a first turn).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("RxTModel.forward: pass exactly one of `input_ids` or `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # [B, T, D]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)  # [1, T]
+        causal_mask = create_causal_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        memory_key_values = self.memory_key_values(memory, batch_size, past_key_values)
+
+        hidden_states = inputs_embeds
+        router_logits = []
+        for layer, (memory_key, memory_value) in zip(self.layers, memory_key_values):
+            hidden_states, layer_router_logits = layer(
+                hidden_states, memory_key.to(hidden_states.dtype), memory_value.to(hidden_states.dtype),
+                attention_mask=causal_mask, position_embeddings=position_embeddings, past_key_values=past_key_values,
+                **kwargs,
+            )
+            if layer_router_logits is not None:
+                router_logits.append(layer_router_logits)
+
+        return RxTModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states),
+            past_key_values=past_key_values,
+            router_logits=tuple(router_logits) or None,
+        )
+
+
+class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        self.model = RxTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def init_memory(self, batch_size: int = 1, device=None, dtype=None) -> torch.Tensor:
+        """A fresh memory `[batch_size, num_hidden_layers, stm_size, hidden_size]`."""
+        return self.model.init_memory(batch_size, device=device, dtype=dtype)
+
+    def update_memory(
+        self, memory: torch.Tensor | None, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The memory after the finished interactions `input_ids` (`[Q] query [A] answer [EOS]`); see `RxTModel`."""
+        return self.model.update_memory(memory, input_ids, attention_mask)
+
+    def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The encoder's hidden states after every layer."""
+        return self.model.encode(input_ids, attention_mask)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        memory: torch.Tensor | None = None,
+        **kwargs,
+    ) -> RxTCausalLMOutputWithPast:
+        r"""
+        memory (`torch.Tensor` of shape `[batch, num_hidden_layers, stm_size, hidden_size]`, *optional*):
+            The short-term memory the decoder reads; `generate(..., memory=m)` passes it to every step.
+        """
+        outputs: RxTModelOutputWithPast = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, memory=memory, **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])  # [B, T', V]
+
+        loss = aux_loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if outputs.router_logits is not None:
+                aux_loss = load_balancing_loss(
+                    outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask
+                )
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+
+        return RxTCausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions, router_logits=outputs.router_logits,
+        )
+
+
+__all__ = ["RxTPreTrainedModel", "RxTModel", "RxTForCausalLM"]
