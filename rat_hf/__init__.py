@@ -7,6 +7,8 @@ Heavy optional dependencies (trl, datasets) are imported only by the modules tha
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .models.rat import PRESETS, RatConfig, RatForCausalLM, RatForSequenceClassification, RatModel, RatPreTrainedModel
+from .models.rxt import RxTConfig, RxTForCausalLM, RxTModel, RxTPreTrainedModel
+from .reactive import ReactiveSession
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,12 @@ def _register() -> None:
     RatModel.register_for_auto_class("AutoModel")
     RatForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     RatForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+    AutoConfig.register("rxt", RxTConfig, exist_ok=True)
+    AutoModel.register(RxTConfig, RxTModel, exist_ok=True)
+    AutoModelForCausalLM.register(RxTConfig, RxTForCausalLM, exist_ok=True)
+    RxTConfig.register_for_auto_class()
+    RxTModel.register_for_auto_class("AutoModel")
+    RxTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 _register()
@@ -32,4 +40,9 @@ __all__ = [
     "RatForSequenceClassification",
     "RatModel",
     "RatPreTrainedModel",
+    "ReactiveSession",
+    "RxTConfig",
+    "RxTForCausalLM",
+    "RxTModel",
+    "RxTPreTrainedModel",
 ]
