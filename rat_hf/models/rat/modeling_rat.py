@@ -152,7 +152,7 @@ class RatPolicyGate(nn.Module):
 
     Each policy net is Linear(d, p) -> GELU -> Linear(p, H) -> softmax * H, so a uniform policy gives every head a gate
     of exactly 1 (the seed's softmax gave 1/H and shrank attention by the head count). The P first layers run as one
-    fused Linear and the P second layers as one batched matmul: two launches instead of 2P at decode time.
+    fused Linear and the P second layers as one block-diagonal matmul: two launches instead of 2P at decode time.
     """
 
     def __init__(self, config: RatConfig):
@@ -170,8 +170,11 @@ class RatPolicyGate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, RatGateOutput]:
         batch, seq_len, _ = hidden_states.shape
-        h = F.gelu(self.policy_in(hidden_states)).view(batch, seq_len, self.n_policies, -1)  # [B, T, P, p]
-        logits = torch.einsum("btpi,pih->btph", h, self.policy_out_weight) + self.policy_out_bias  # [B, T, P, H]
+        h = F.gelu(self.policy_in(hidden_states))  # [B, T, P*p]
+        # the P second layers as one block-diagonal matmul [P*p, P*H]: one well-shaped GEMM instead of a batched
+        # einsum over tiny matrices (which ran on a slow 16x16 kernel)
+        logits = h @ torch.block_diag(*self.policy_out_weight) + self.policy_out_bias.flatten()  # [B, T, P*H]
+        logits = logits.view(batch, seq_len, self.n_policies, self.num_heads)  # [B, T, P, H]
         gates = torch.softmax(logits.float(), dim=-1) * self.num_heads  # [B, T, P, H], mean over heads = 1
         if self.n_policies == 1:
             return gates[:, :, 0].to(hidden_states.dtype), RatGateOutput(None, None)
@@ -239,22 +242,35 @@ class RatAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights, gate_output
 
 
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y[t] = bias + sum_k weight[:, k] * x[t - K + 1 + k], over `x` already holding its K-1 steps of left context.
+
+    x: [B, K-1+T, D] -> [B, T, D]. Written as K shifted multiply-adds in time-major layout: no transposes, and
+    `torch.compile` fuses it with the norm and GELU around it (cuDNN's depthwise conv1d needs channels-first copies).
+    """
+    kernel = weight.shape[-1]
+    seq_len = x.shape[1] - kernel + 1
+    y = x[:, kernel - 1 :] * weight[:, -1]  # [B, T, D]
+    for k in range(kernel - 1):
+        y = torch.addcmul(y, x[:, k : k + seq_len], weight[:, k])
+    return y if bias is None else y + bias
+
+
 class RatTemporalConv(nn.Module):
     """Causal depthwise convolution over time, GELU, pointwise projection, GELU (the seed's block, made causal).
 
     The seed's `padding=1` centred the kernel and let each position read the next token. Here the input is padded on
     the left only; padded positions (attention_mask == 0) are zeroed first so a left-padded row sees exactly the zeros
-    an unpadded one sees. With a cache, the last `kernel - 1` inputs are the layer's conv state.
+    an unpadded one sees. With a cache, the last `kernel - 1` inputs are the layer's conv state (kept channels-first,
+    `[B, D, K-1]`, the layout transformers' cache layers use).
     """
 
     def __init__(self, config: RatConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.kernel_size = config.conv_kernel_size
-        self.conv = nn.Conv1d(
-            config.hidden_size, config.hidden_size, self.kernel_size, groups=config.hidden_size, bias=config.conv_bias,
-            padding=0,
-        )
+        self.conv_weight = nn.Parameter(torch.empty(config.hidden_size, self.kernel_size))  # depthwise: [D, K]
+        self.conv_bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.conv_bias else None
         self.pointwise_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
@@ -262,16 +278,18 @@ class RatTemporalConv(nn.Module):
     ) -> torch.Tensor:
         if padding_mask is not None:
             hidden_states = hidden_states * padding_mask[..., None].to(hidden_states.dtype)
-        x = hidden_states.transpose(1, 2)  # [B, D, T]
-        seq_len = x.shape[-1]
         if past_key_values is not None and past_key_values.has_previous_state(self.layer_idx):
-            # decoding: the cache returns [state (K-1) | new inputs (T)]
-            x = past_key_values.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel_size - 1)
+            # decoding: the cache returns [state (K-1) | new inputs (T)] along time
+            x = past_key_values.update_conv_state(
+                hidden_states.transpose(1, 2), self.layer_idx, conv_kernel_size=self.kernel_size - 1
+            ).transpose(1, 2)  # [B, K-1+T, D]
         else:
             if past_key_values is not None:  # prefill: remember the last K-1 inputs
-                past_key_values.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel_size - 1)
-            x = F.pad(x, (self.kernel_size - 1, 0))  # [B, D, K-1+T], causal: left only
-        x = F.gelu(self.conv(x)[..., -seq_len:]).transpose(1, 2)  # [B, T, D]
+                past_key_values.update_conv_state(
+                    hidden_states.transpose(1, 2), self.layer_idx, conv_kernel_size=self.kernel_size - 1
+                )
+            x = F.pad(hidden_states, (0, 0, self.kernel_size - 1, 0))  # [B, K-1+T, D], causal: left only
+        x = F.gelu(causal_depthwise_conv(x, self.conv_weight, self.conv_bias))  # [B, T, D]
         return F.gelu(self.pointwise_proj(x))
 
 
@@ -326,6 +344,10 @@ class RatPreTrainedModel(PreTrainedModel):
         if isinstance(module, RatPolicyGate):  # its own parameters; the Linear children are initialised by super()
             init.normal_(module.policy_out_weight, mean=0.0, std=std)
             init.zeros_(module.policy_out_bias)
+        elif isinstance(module, RatTemporalConv):
+            init.normal_(module.conv_weight, mean=0.0, std=std)
+            if module.conv_bias is not None:
+                init.zeros_(module.conv_bias)
 
     def post_init(self):
         super().post_init()
