@@ -4,6 +4,7 @@ Nothing here imports `datasets` at module import time: the functions that build 
 when called, so `import rat_hf.data` works without the `train` extra.
 """
 
+from .chat import load_chat_jsonl, parse_chat_record
 from .corpora import (
     cache_dir,
     default_dialogs,
@@ -12,6 +13,15 @@ from .corpora import (
     load_text_dataset,
     pack_for_causal_lm,
 )
+from .interactions import (
+    interaction_text,
+    load_interactions,
+    memory_recall_dataset,
+    normalize_interaction,
+    tokenize_interaction,
+    turns,
+)
+from .kv_pairs import kv_pairs_dataset, play_twenty_questions, split_into_kv_pairs, twenty_questions_dataset
 from .rlm import RandomLanguageModel, RLMStream
 
 __all__ = [
@@ -21,6 +31,18 @@ __all__ = [
     "default_dialogs",
     "default_text_corpus",
     "get_statistics",
+    "interaction_text",
+    "kv_pairs_dataset",
+    "load_chat_jsonl",
+    "load_interactions",
     "load_text_dataset",
+    "memory_recall_dataset",
+    "normalize_interaction",
     "pack_for_causal_lm",
+    "parse_chat_record",
+    "play_twenty_questions",
+    "split_into_kv_pairs",
+    "tokenize_interaction",
+    "turns",
+    "twenty_questions_dataset",
 ]
