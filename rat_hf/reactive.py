@@ -18,8 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-QUERY_TOKEN = "[Q]"
-ANSWER_TOKEN = "[A]"
+from .tokenization.special_tokens import ANSWER_TOKEN, QUERY_TOKEN
 
 
 class ReactiveSession:
@@ -229,4 +228,4 @@ class ReactiveSession:
         self.close()
 
 
-__all__ = ["ReactiveSession", "QUERY_TOKEN", "ANSWER_TOKEN"]
+__all__ = ["ReactiveSession"]

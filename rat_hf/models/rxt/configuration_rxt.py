@@ -2,7 +2,7 @@
 
 One flat config builds the three parts of an RxT: the decoder that answers a query from the short-term memory (STM),
 the encoder that reads the finished interaction, and the memory-attention network that folds it into the STM. The
-defaults build a ~22M-parameter model (printed by `RxTForCausalLM(RxTConfig()).num_parameters()`: 22,445,312).
+defaults build a ~19M-parameter model (printed by `RxTForCausalLM(RxTConfig()).num_parameters()`: 19,418,898).
 """
 
 from transformers import PreTrainedConfig

@@ -639,10 +639,13 @@ class RxTModel(RxTPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)  # [1, T]
-        causal_mask = create_causal_mask(
-            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=position_ids,
-        )
+        if isinstance(attention_mask, dict):  # prepared by generate() for a compilable (static) cache
+            causal_mask = attention_mask["full_attention"]
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                past_key_values=past_key_values, position_ids=position_ids,
+            )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         memory_key_values = self.memory_key_values(memory, batch_size, past_key_values)
 
