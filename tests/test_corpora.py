@@ -127,3 +127,16 @@ def test_pack_for_causal_lm():
         pack_for_causal_lm(ds, tok, seq_len=1)
     with pytest.raises(ValueError, match="text_column"):
         pack_for_causal_lm(ds, tok, seq_len=8, text_column="body")
+
+
+def test_data_and_tokenization_import_without_datasets():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['datasets'] = None\n"  # any `import datasets` now raises ImportError
+            "import rat_hf.data, rat_hf.tokenization\n"
+            "from rat_hf.data import RandomLanguageModel\n"
+            "print(RandomLanguageModel(4, 2, 1.0).sample(2, seed=0).shape)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([2, 4])" in out.stdout

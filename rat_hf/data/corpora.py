@@ -22,6 +22,8 @@ import sysconfig
 import warnings
 from pathlib import Path
 
+from ._checks import check_int
+
 # Bump when the cleaning rules change, so stale caches are not reused.
 _CORPUS_VERSION = 1
 # Short docstrings ("Return self.") are mostly noise; 15 words keeps explanations and drops one-liners.
@@ -137,8 +139,8 @@ def default_text_corpus(max_docs: int | None = None, max_chars: int | None = Non
     from datasets import Dataset
 
     for name, value in (("max_docs", max_docs), ("max_chars", max_chars)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if value is not None:
+            check_int(name, value, 1)
     records, total = [], 0
     for r in _stdlib_records()[:max_docs]:
         if max_chars is not None and total >= max_chars:
@@ -218,8 +220,7 @@ def pack_for_causal_lm(dataset, tokenizer, seq_len: int, text_column: str = "tex
     `batch_size` documents the tail shorter than `seq_len` is dropped, as in transformers' run_clm. Tokenizing
     runs in `num_proc` processes; packing (cheap) in one, so the result does not depend on `num_proc`.
     """
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    check_int("seq_len", seq_len, 2)
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token: documents could not be separated")
     if text_column not in dataset.column_names:

@@ -13,6 +13,7 @@ import json
 import random
 
 from ..tokenization.special_tokens import ANSWER_TOKEN, QUERY_TOKEN
+from ._checks import check_int
 
 
 def _turn(record, where: str) -> dict:
@@ -115,10 +116,8 @@ def memory_recall_dataset(n: int, distance: int, seed: int = 0):
     """
     from datasets import Dataset
 
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if not isinstance(distance, int) or distance < 0:
-        raise ValueError(f"distance must be a non-negative integer, got {distance!r}")
+    check_int("n", n, 1)
+    check_int("distance", distance, 0)
     rng = random.Random(seed)
     rows = []
     for _ in range(n):

@@ -13,6 +13,8 @@ told the secret in turn 0 and must keep it in memory to answer every later quest
 
 import random
 
+from ._checks import check_int
+
 # Questions ("Is it ...?") and, for each object, the set of those that are true.
 _QUESTIONS = {
     "animal": "an animal", "mammal": "a mammal", "plant": "a plant or part of one",
@@ -38,9 +40,8 @@ def split_into_kv_pairs(text: str, tokenizer, key_tokens: int, value_tokens: int
 
     Returns dicts `{"key", "value", "key_ids", "value_ids", "start"}` (`start`: token offset of the key).
     """
-    for name, value in (("key_tokens", key_tokens), ("value_tokens", value_tokens)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_int("key_tokens", key_tokens, 1)
+    check_int("value_tokens", value_tokens, 1)
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -104,8 +105,7 @@ def twenty_questions_dataset(n: int, seed: int = 0, model_role: str = "answerer"
 
     if model_role not in ("answerer", "questioner"):
         raise ValueError(f"model_role must be 'answerer' or 'questioner', got {model_role!r}")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    check_int("n", n, 1)
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
