@@ -1,0 +1,159 @@
+"""ReactiveSession: event-driven turns over an RxT, background memory updates, batched sessions, saved state."""
+
+import threading
+
+import pytest
+import torch
+
+from rat_hf import ReactiveSession, RxTConfig, RxTForCausalLM
+
+TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            num_query_heads=2, intermediate_size=64, stm_size=8, max_position_embeddings=128)
+QUERIES = [[11, 12, 13, 14], [20, 21, 22, 23], [30, 31, 32, 33], [40, 41, 42, 43], [50, 51, 52, 53]]
+
+
+def tiny_model(**overrides) -> RxTForCausalLM:
+    torch.manual_seed(0)
+    return RxTForCausalLM(RxTConfig(**{**TINY, **overrides})).eval()
+
+
+def session(model, **kw) -> ReactiveSession:
+    return ReactiveSession(model, **{"max_new_tokens": 6, "do_sample": False, **kw})
+
+
+def test_decoder_input_does_not_grow_with_the_conversation():
+    model = tiny_model()
+    prompt_lengths = []
+
+    def record(module, args, kwargs):
+        if kwargs["past_key_values"] is None or kwargs["past_key_values"].get_seq_length() == 0:
+            prompt_lengths.append(kwargs["input_ids"].shape[1])
+
+    handle = model.model.register_forward_pre_hook(record, with_kwargs=True)
+    chat = session(model)
+    memories = [chat.memory]
+    for query in QUERIES:
+        chat.interact_ids([query])
+        memories.append(chat.memory)
+    handle.remove()
+    assert prompt_lengths == [len(QUERIES[0]) + 2] * len(QUERIES)  # [Q] query [A], every turn
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(memories, memories[1:]))  # every turn was read
+    assert chat.turns == len(QUERIES)
+
+
+def test_the_same_history_gives_the_same_answers_and_another_does_not():
+    model = tiny_model()
+    a, b, c = session(model), session(model), session(model)
+    answers_a = [a.interact_ids([q]) for q in QUERIES]
+    answers_b = [b.interact_ids([q]) for q in QUERIES[:1]]
+    b_after_one_turn = b.memory
+    c.interact_ids([[60, 61, 62]])  # only the first turn differs ...
+    assert (c.memory - b_after_one_turn).abs().max() > 0.1 * b_after_one_turn.abs().max()
+    answers_b += [b.interact_ids([q]) for q in QUERIES[1:]]
+    assert answers_a == answers_b and torch.equal(a.memory, b.memory)
+    for q in QUERIES[1:]:
+        c.interact_ids([q])
+    assert (c.memory - a.memory).abs().max() > 1e-4  # ... and still shows four turns later (gates of 0.5 at init)
+
+
+def test_background_update_runs_off_the_calling_thread_and_equals_inline(monkeypatch):
+    model = tiny_model()
+    threads = []
+    original = type(model).update_memory
+    monkeypatch.setattr(type(model), "update_memory",
+                        lambda self, *args: threads.append(threading.current_thread().name) or original(self, *args))
+    background, inline = session(model), session(model, background=False)
+    for query in QUERIES[:3]:
+        assert background.interact_ids([query]) == inline.interact_ids([query])
+        assert torch.equal(background.memory, inline.memory)
+    assert threads[0::2] == ["rxt-memory-update_0"] * 3  # the background session's updates
+    assert threads[1::2] == [threading.current_thread().name] * 3
+    assert background.last_update_seconds > 0
+    background.close()
+
+
+def test_a_batched_session_equals_separate_sessions():
+    model = tiny_model()
+    batched = session(model, batch_size=2)
+    alone = [session(model), session(model)]
+    conversations = [QUERIES[:3], [[70, 71], [72, 73, 74, 75, 76, 77], [78]]]  # ragged: left padding every turn
+    for turn in range(3):
+        answers = batched.interact_ids([conversations[0][turn], conversations[1][turn]])
+        for i in range(2):
+            assert answers[i] == alone[i].interact_ids([conversations[i][turn]])[0], (turn, i)
+            torch.testing.assert_close(batched.memory[i : i + 1], alone[i].memory, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expected 2 queries"):
+        batched.interact_ids([QUERIES[0]])
+
+
+def test_answers_end_at_eos_and_the_memory_reads_the_whole_interaction(monkeypatch):
+    model = tiny_model()
+    free = session(model).interact_ids([QUERIES[0]])[0]  # what the model says without stopping
+    eos = free[2]
+    model.config.eos_token_id = model.generation_config.eos_token_id = eos
+    seen = []
+    original = type(model).update_memory
+    monkeypatch.setattr(type(model), "update_memory",
+                        lambda self, memory, ids, mask: seen.append(ids[mask.bool()].tolist()) or original(self, memory, ids, mask))
+    chat = session(model)
+    answer = chat.interact_ids([QUERIES[0]])[0]
+    chat.wait()
+    assert answer == free[: free.index(eos)]
+    q, a = model.config.query_token_id, model.config.answer_token_id
+    assert seen == [[q, *QUERIES[0], a, *answer, eos]]
+
+
+def test_save_and_load_state_continue_the_conversation(tmp_path):
+    model = tiny_model()
+    original = session(model)
+    for query in QUERIES[:2]:
+        original.interact_ids([query])
+    original.save_state(tmp_path / "chat.safetensors")
+    expected = original.interact_ids([QUERIES[2]])
+
+    resumed = session(model)
+    resumed.load_state(tmp_path / "chat.safetensors")
+    assert resumed.turns == 2
+    assert resumed.interact_ids([QUERIES[2]]) == expected
+    assert torch.equal(resumed.memory, original.memory)
+
+    other = tiny_model(stm_size=4)
+    with pytest.raises(ValueError, match=r"needs \[batch, 2, 4, 32\]"):
+        session(other).load_state(tmp_path / "chat.safetensors")
+
+
+def test_reset_returns_to_the_initial_memory():
+    model = tiny_model()
+    chat = session(model)
+    first = chat.interact_ids([QUERIES[0]])
+    chat.interact_ids([QUERIES[1]])
+    chat.reset()
+    assert torch.equal(chat.memory, model.init_memory(1)) and chat.turns == 0
+    assert chat.interact_ids([QUERIES[0]]) == first
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from rat_hf.tokenization import train_bpe_tokenizer
+
+    texts = ["hello there, how are you today?", "my name is Ada and I like cats", "what is my name?"] * 20
+    return train_bpe_tokenizer(texts, vocab_size=300)
+
+
+def test_text_turns_and_streaming(tokenizer):
+    model = tiny_model(vocab_size=300)
+    chat, twin = session(model, tokenizer=tokenizer), session(model, tokenizer=tokenizer)
+    answer = chat.interact("my name is Ada")
+    assert isinstance(answer, str)
+    pieces = list(twin.interact_stream("my name is Ada"))
+    assert "".join(pieces) == answer and len(pieces) >= 1
+    torch.testing.assert_close(twin.memory, chat.memory, atol=0, rtol=0)
+    assert chat.interact("what is my name?") == "".join(twin.interact_stream("what is my name?"))
+    batched = session(model, tokenizer=tokenizer, batch_size=2)
+    assert len(batched.interact(["hello", "my name is Ada"])) == 2
+
+
+def test_a_tokenizer_with_other_reactive_ids_is_refused(tokenizer):
+    model = tiny_model(vocab_size=300, query_token_id=7, answer_token_id=8)
+    with pytest.raises(ValueError, match=r"tokenizer has \[Q\] = 3 but the model's config says 7"):
+        ReactiveSession(model, tokenizer)
