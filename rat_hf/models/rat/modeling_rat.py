@@ -189,7 +189,7 @@ class RatPolicyGate(nn.Module):
             mixed = gates.gather(2, choice[..., None].expand(-1, -1, -1, self.num_heads)).squeeze(2)  # [B, T, H]
             log_prob = torch.log_softmax(selector_logits, dim=-1).gather(-1, choice).squeeze(-1)  # [B, T]
             return mixed.to(hidden_states.dtype), RatGateOutput(probs, log_prob)
-        mixed = torch.einsum("btp,btph->bth", probs, gates)  # [B, T, H]
+        mixed = (probs[..., None] * gates).sum(dim=2)  # [B, T, H]; elementwise (fuses), not a float32 GEMM
         return mixed.to(hidden_states.dtype), RatGateOutput(probs, None)
 
 
