@@ -277,11 +277,12 @@ def test_rope_placement_per_component():
     assert not model.model.encoder.layers[0].self_attn.is_causal
 
 
-def _layer_update(model, memory, layer_idx=0):
-    encoded = model.encode(random_ids(1, 8, seed=5))
-    layer = model.model.memory_attention.layers[layer_idx]
-    with torch.no_grad():
-        return layer(memory[:, layer_idx], encoded[-1], memory.mean(dim=1))
+INTERACTION = random_ids(1, 8, seed=5)
+
+
+def _layer_update(model, memory):
+    """STM layer 0 after the whole update (encoder + memory-attention network) reads `INTERACTION`."""
+    return read(model, memory, INTERACTION)[:, 0]
 
 
 @pytest.mark.parametrize("kind", ["simple", "self", "interlayer", "gated_self_interlayer"])
@@ -321,9 +322,10 @@ def test_residual_gate_interpolates_old_and_update(gate_type):
         torch.testing.assert_close(_layer_update(model, memory), memory[:, 0], atol=1e-6, rtol=0)
         logit.fill_(30.0)  # G ~ 1: the memory becomes the attention update
         layer = model.model.memory_attention.layers[0]
-        encoded = model.encode(random_ids(1, 8, seed=5))
-        update, _ = layer.attn(layer.query_layernorm(memory[:, 0]), None, None,
-                               key_value_states=layer.encoded_layernorm(encoded[-1]))
+        encoded = model.encode(INTERACTION)[model.config.encoder_layer_for_memory_layer(0)]
+        position_embeddings = model.model.rotary_emb(encoded, torch.arange(8)[None])
+        update, _ = layer.attn(layer.query_layernorm(memory[:, 0]), position_embeddings, None,
+                               key_value_states=layer.encoded_layernorm(encoded))
         torch.testing.assert_close(_layer_update(model, memory), update, atol=1e-6, rtol=0)
 
 
