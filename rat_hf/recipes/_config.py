@@ -1,0 +1,85 @@
+"""Argument parsing shared by the recipes: `HfArgumentParser` dataclasses + an optional `--config` file.
+
+`--config FILE` (YAML or JSON) supplies defaults and the command line overrides them, as with TRL's `TrlParser`.
+The RAT seed's JSON layout (`{"model": {...}, "trainer": {...}, "dataset": {...}, "tokenizer_path": ...}`) is
+recognised and translated, so its config files work unchanged.
+"""
+
+import json
+import os
+import sys
+
+from transformers import HfArgumentParser
+
+# The seed's trainer/dataset keys -> our argument names (its model keys are RatConfig aliases and pass through).
+_SEED_TRAINER_KEYS = {
+    "lr": "learning_rate", "warmup_steps": "warmup_steps", "max_steps": "max_steps", "weight_decay": "weight_decay",
+    "grad_clip": "max_grad_norm", "accum_steps": "gradient_accumulation_steps", "checkpoint_dir": "output_dir",
+}
+_SEED_DATASET_KEYS = {
+    "dataset_name": "dataset", "dataset_config": "dataset_config", "seq_len": "seq_len",
+    "batch_size": "per_device_train_batch_size", "num_samples": "max_train_sequences", "max_texts": "max_docs",
+}
+
+
+def load_config_file(path: str) -> dict:
+    """Read a YAML/JSON recipe config into flat argument names; errors name the file and the problem."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r}: no such file")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, Exception) as e:  # yaml raises its own YAMLError subclasses
+        raise ValueError(f"--config {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path!r}: expected a mapping at the top level, got {type(data).__name__}")
+    seed_layout = any(isinstance(data.get(k), dict) for k in ("model", "trainer", "dataset"))
+    return from_seed_layout(data, path) if seed_layout else data
+
+
+def from_seed_layout(data: dict, path: str = "<config>") -> dict:
+    """Translate the RAT seed's nested JSON config into flat recipe arguments."""
+    flat = {}
+    unknown = set(data) - {"model", "trainer", "dataset", "tokenizer_path"}
+    if unknown:
+        raise ValueError(f"--config {path!r}: unknown top-level keys {sorted(unknown)} in the seed's config layout")
+    if data.get("model"):
+        flat["model_config_overrides"] = dict(data["model"])
+    for section, mapping in (("trainer", _SEED_TRAINER_KEYS), ("dataset", _SEED_DATASET_KEYS)):
+        for key, value in (data.get(section) or {}).items():
+            if key not in mapping:
+                raise ValueError(f"--config {path!r}: unknown key {section}.{key}; known: {sorted(mapping)}")
+            flat[mapping[key]] = value
+    if "tokenizer_path" in data:
+        flat["tokenizer"] = data["tokenizer_path"]
+    return flat
+
+
+def parse_args(dataclass_types, argv=None):
+    """Parse `argv` into the dataclasses, with `--config FILE` values as defaults that the command line overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", default=None, help="YAML/JSON file of arguments (command-line flags override it)")
+    config = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            parser.error("--config needs a file path")
+        config = load_config_file(argv[i + 1])
+        del argv[i : i + 2]
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"--config: unknown arguments {unknown}; see --help for the accepted ones")
+    parser.set_defaults(**config)
+    outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    objs, extra = outputs[: len(dataclass_types)], outputs[-1]  # (a Namespace holding --config sits in between)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return objs
