@@ -1,0 +1,47 @@
+"""The RxT benchmark scripts run end to end on CPU (--tiny) and measure what they say they measure."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(script: str, out, *args) -> dict:
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--device", "cpu", "--tiny",
+                             "--out", str(out), *args], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["device"] == "cpu" and record["command"].startswith(f"python {os.path.join(ROOT, 'bench', script)}")
+    assert {"date", "torch", "transformers", "rows"} <= set(record)
+    return record
+
+
+def test_conversation_bench(tmp_path):
+    record = run_bench("bench_rxt_conversation.py", tmp_path / "conv.json", "--turns", "3", "--repeats", "1")
+    rows = record["rows"]
+    assert len(rows) == 2 * 2 * 3  # models x batch sizes x turns
+    for batch in (1, 2):
+        rxt = [r for r in rows if r["model"] == "rxt" and r["batch"] == batch]
+        llama = [r for r in rows if r["model"] == "llama" and r["batch"] == batch]
+        # RxT reads [Q] query [A] every turn and holds a fixed state; Llama re-reads a growing history
+        assert [r["prompt_tokens"] for r in rxt] == [batch * 10] * 3
+        assert [r["prompt_tokens"] for r in llama] == [batch * (8 + 16 * t) for t in range(3)]
+        assert len({r["kv_cache_bytes"] + r["memory_bytes"] for r in rxt}) == 1
+        assert llama[2]["kv_cache_bytes"] > llama[1]["kv_cache_bytes"] > llama[0]["kv_cache_bytes"]
+        # the update reads [Q] query [A] answer [EOS]
+        assert all(r["update_s"] > 0 and r["update_tokens"] == batch * 19 for r in rxt)
+    assert {s["model"] for s in record["summary"]} == {"rxt", "llama"}
+    assert (tmp_path / "conv.png").exists()
+
+
+def test_attention_bench(tmp_path):
+    record = run_bench("bench_rxt_attention.py", tmp_path / "attn.json", "--variants", "gqa", "sqa", "xsqa",
+                       "--masking", "causal", "--iters", "1")
+    rows = record["rows"]
+    assert [(r["variant"], r["query_heads"], r["kv_heads"]) for r in rows[:3]] == [("gqa", 8, 2), ("sqa", 4, 2),
+                                                                                   ("xsqa", 2, 2)]
+    assert all(r["batch"] * r["seq_len"] == 512 and r["fwd_bwd_ms"] > 0 for r in rows)
+    assert all(r["fwd_speedup_vs_gqa"] == 1.0 for r in rows if r["variant"] == "gqa")
+    assert (tmp_path / "attn.png").exists()
