@@ -85,6 +85,7 @@ def model_card(
     replaced by `***`.
     """
     model_type = model.config.model_type
+    template = Path(template) if template is not None else _template_for(model_type)
     if isinstance(command, (list, tuple)):
         command = shlex.join(map(str, command))
     if isinstance(config, Path):
@@ -102,7 +103,7 @@ def model_card(
     n_params = model.num_parameters()
     return ModelCard.from_template(
         card_data,
-        template_path=str(template or _template_for(model_type)),
+        template_path=str(template),
         model_name=repo_id.split("/")[-1] if repo_id else type(model).__name__,
         repo_id=repo_id or "<user>/<repo>",
         architecture=type(model).__name__,
