@@ -25,6 +25,8 @@ TEMPLATES = {"rat": "rat.md", "rxt": "rxt.md"}
 # Installed wheels carry the templates as package data (rat_hf/_model_cards); a source checkout has model_cards/.
 TEMPLATE_DIRS = (Path(__file__).parent / "_model_cards", Path(__file__).resolve().parents[1] / "model_cards")
 TAGS = ("rat_hf", "custom_code", "text-generation")
+# A Trainer's output_dir also holds checkpoints, TensorBoard runs and pickled arguments: not for the model repo.
+IGNORE_PATTERNS = ("checkpoint-*/**", "runs/**", "training_args.bin", "*.pt", "*.pth")
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
 # `--token X`, `--hub-token=X`, `HF_TOKEN=X`, `hub_token: X` (not `pad_token`, `max_tokens`, `tokenizer`)
 _TOKEN_ARG = re.compile(r"((?<!\w)(?:(?:hub|hf|auth|api|access)[_-])?token[\"']?(?:\s*[=:]\s*|\s+))"
@@ -118,9 +120,9 @@ def model_card(
     )
 
 
-def check_hub_folder(output_dir, *, tokenizer: bool = False) -> None:
+def check_hub_folder(output_dir, *, tokenizer: bool = False, readme: bool = True) -> None:
     """Raise `IncompleteHubFolderError` naming every missing piece: config.json with auto_map, the safetensors
-    weights, the .py files auto_map points at, README.md, and (with `tokenizer=True`) tokenizer_config.json."""
+    weights, the .py files auto_map points at, README.md (`readme`) and tokenizer_config.json (`tokenizer`)."""
     folder, missing = Path(output_dir), []
     config_path = folder / "config.json"
     auto_map = json.loads(config_path.read_text()).get("auto_map", {}) if config_path.is_file() else {}
@@ -143,7 +145,7 @@ def check_hub_folder(output_dir, *, tokenizer: bool = False) -> None:
         missing.append("model.safetensors")
     if tokenizer and not (folder / "tokenizer_config.json").is_file():
         missing.append("tokenizer_config.json")
-    if not (folder / "README.md").is_file():
+    if readme and not (folder / "README.md").is_file():
         missing.append("README.md")
     if missing:
         raise IncompleteHubFolderError(f"{folder} is not ready for the Hub; missing: " + "; ".join(dict.fromkeys(missing)))
@@ -182,18 +184,21 @@ def push_folder_to_hub(
     private: bool = False,
     commit_message: str = "Upload rat_hf model",
     endpoint: str | None = None,
+    ignore_patterns=IGNORE_PATTERNS,
 ):
     """Create `repo_id` if needed and upload the (checked) folder in one go; returns the `CommitInfo` (a str: the
-    commit URL; `.oid`: the commit sha). `token` defaults to the client's (HF_TOKEN or `hf auth login`)."""
+    commit URL; `.oid`: the commit sha). `token` defaults to the client's (HF_TOKEN or `hf auth login`); a `repo_id`
+    without a namespace goes to the token's user. Trainer leftovers (`ignore_patterns`) stay local."""
     folder = Path(output_dir)
-    check_hub_folder(folder)
+    check_hub_folder(folder, readme=False)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     api = HfApi(endpoint=endpoint, token=token)
     step = f"create the repository {repo_id}"
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         step = f"upload {folder} to {repo_id}"
-        return api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message)
+        return api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message,
+                                 ignore_patterns=list(ignore_patterns or ()))
     except Exception as err:
         message = (f"Hub push failed: could not {step} at {endpoint}: {_reason(err)}. The local save in {folder} is "
                    f"complete and untouched; push it again with push_folder_to_hub({str(folder)!r}, {repo_id!r}).")

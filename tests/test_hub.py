@@ -224,6 +224,17 @@ def test_repush_of_an_unchanged_folder_makes_no_commit(hub_server, saved):
     assert second.oid == first.oid and len(hub_server.repos["user/again"].commits) == 2  # initial + upload
 
 
+def test_push_resolves_the_namespace_and_leaves_trainer_leftovers_local(hub_server, saved):
+    (saved / "checkpoint-10").mkdir()
+    (saved / "checkpoint-10" / "optimizer.pt").write_bytes(b"state")
+    (saved / "training_args.bin").write_bytes(b"pickle")
+    (saved / "README.md").unlink()  # a card is welcome, not required
+    info = push_folder_to_hub(saved, "solo", token=hub_server.token, endpoint=hub_server.url)
+    assert "/user/solo/commit/" in info
+    files = hub_server.repos["user/solo"].commits[info.oid]
+    assert "model.safetensors" in files and not any("checkpoint" in p or p.endswith(".bin") for p in files)
+
+
 # --- failures --------------------------------------------------------------------------------------------------------
 def failure_text(excinfo) -> str:
     return "".join(traceback.format_exception(excinfo.value))
