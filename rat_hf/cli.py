@@ -28,8 +28,8 @@ _RLM_KEYS = {"vocab_size": int, "depth": int, "beta": float, "seed": int}
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-class CLIError(Exception):
-    """An error the user can fix; printed as one line."""
+class CLIError(ValueError):
+    """An error the user can fix (a missing path, a bad spec, an unreachable Hub); the tools print it as one line."""
 
 
 # --- shared plumbing ----------------------------------------------------------------------------------------------
