@@ -12,11 +12,11 @@ input and of every weight), and the speed-up over GQA of the same length and mas
 (forward only, A100): xSQA 1.4x GQA at 1k tokens, 2.7x at 32k. The PNG (next to --out) plots tokens/s against length.
 """
 
-import argparse
 
 import torch
 
-from bench_rxt_common import bench_dtype, png_path, print_table, pyplot, timed, write_results
+from bench_rxt_common import (base_parser, bench_dtype, png_path, print_table, pyplot, save_figure, timed,
+                               write_results)
 
 from rat_hf import RxTConfig  # noqa: E402  (bench_rxt_common put this checkout on the path)
 from rat_hf.models.rxt.modeling_rxt import RxTAttention, RxTRotaryEmbedding  # noqa: E402
@@ -89,16 +89,11 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_title(f"one attention layer, {title}", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="bench/results/rxt_attention.json")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="a tiny layer and short sequences (smoke test)")
+    parser = base_parser(__doc__, "bench/results/rxt_attention.json", "a tiny layer and short sequences (smoke test)")
     parser.add_argument("--attn", default="sdpa", help="attention implementation of the registry")
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--masking", nargs="+", default=["bidirectional", "causal"], choices=["bidirectional", "causal"])

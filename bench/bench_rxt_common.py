@@ -1,5 +1,6 @@
 """Helpers shared by the RxT benchmarks (bench_rxt_conversation.py, bench_rxt_attention.py): timing and results."""
 
+import argparse
 import datetime
 import json
 import os
@@ -9,6 +10,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # rat_hf from this checkout, installed or not
+
+
+def base_parser(doc: str, default_out: str, tiny_help: str) -> argparse.ArgumentParser:
+    """`--out`, `--device` (default cuda) and `--tiny` (the CPU smoke test), which every RxT benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
+    return parser
 
 
 def sync(device: str) -> None:
@@ -53,6 +63,12 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(str(r.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
+
+
+def save_figure(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def png_path(out: str) -> str:

@@ -22,13 +22,13 @@ while Llama's grow) and cumulative time and tokens. The PNG (next to --out) plot
 time, cumulative tokens and bytes held against the turn.
 """
 
-import argparse
 import statistics
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from bench_rxt_common import bench_dtype, png_path, print_table, pyplot, sync, timed, write_results
+from bench_rxt_common import (base_parser, bench_dtype, png_path, print_table, pyplot, save_figure, sync, timed,
+                               write_results)
 
 from rat_hf import RxTConfig, RxTForCausalLM  # noqa: E402  (bench_rxt_common put this checkout on the path)
 
@@ -112,8 +112,7 @@ def run_rxt(model, queries: list[torch.Tensor], a) -> list[dict]:
     q = torch.full((batch, 1), config.query_token_id, device=a.device)
     ans = torch.full((batch, 1), config.answer_token_id, device=a.device)
     eos = torch.full((batch, 1), config.eos_token_id, device=a.device)
-    with torch.no_grad():
-        memory = model.init_memory(batch, device=a.device)
+    memory = model.init_memory(batch, device=a.device)
     rows = []
     for turn, query in enumerate(queries, 1):
         prompt = torch.cat([q, query, ans], dim=1)  # [Q] query [A]: never the history
@@ -126,6 +125,23 @@ def run_rxt(model, queries: list[torch.Tensor], a) -> list[dict]:
                          memory_bytes=tensor_bytes([memory])))
         memory = new_memory
     return rows
+
+
+@torch.no_grad()
+def conversations(kind: str, size: dict, max_positions: int, a, rows: list[dict]) -> int:
+    """Runs `a.turns` turns for each batch size, appends the rows, returns the model's parameter count."""
+    model = build(kind, size, max_positions, a.device)
+    run = run_rxt if kind == "rxt" else run_llama
+    for batch in a.batch_sizes:
+        g = torch.Generator().manual_seed(batch)
+        vocab = model.config.vocab_size
+        queries = [torch.randint(5, vocab, (batch, a.query_len), generator=g).to(a.device) for _ in range(a.turns)]
+        run(model, queries[:2], a)  # warm-up: kernels, allocator, cuBLAS handles
+        for r in run(model, queries, a):
+            r.update(model=kind, batch=batch, tokens_processed=r["prompt_tokens"] + r["decode_tokens"] + r["update_tokens"])
+            rows.append(r)
+        print(f"{kind} batch {batch}: done")
+    return model.num_parameters()
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -172,16 +188,11 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xlabel("turn")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="bench/results/rxt_conversation.json")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="tiny models and a short conversation (smoke test)")
+    parser = base_parser(__doc__, "bench/results/rxt_conversation.json", "tiny models and a short conversation (smoke test)")
     parser.add_argument("--turns", type=int, default=None)
     parser.add_argument("--query-len", type=int, default=None)
     parser.add_argument("--answer-len", type=int, default=None)
@@ -200,22 +211,8 @@ def main():
     max_positions = a.turns * (a.query_len + a.answer_len) + 16
 
     rows, params = [], {}
-    torch.set_grad_enabled(False)
     for kind in a.models:
-        model = build(kind, size, max_positions, a.device)
-        params[kind] = model.num_parameters()
-        run = run_rxt if kind == "rxt" else run_llama
-        for batch in a.batch_sizes:
-            g = torch.Generator().manual_seed(batch)
-            vocab = model.config.vocab_size
-            queries = [torch.randint(5, vocab, (batch, a.query_len), generator=g).to(a.device) for _ in range(a.turns)]
-            run(model, queries[:2], a)  # warm-up: kernels, allocator, cuBLAS handles
-            for r in run(model, queries, a):
-                r.update(model=kind, batch=batch,
-                         tokens_processed=r["prompt_tokens"] + r["decode_tokens"] + r["update_tokens"])
-                rows.append(r)
-            print(f"{kind} batch {batch}: done")
-        del model
+        params[kind] = conversations(kind, size, max_positions, a, rows)
         sync(a.device)
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()

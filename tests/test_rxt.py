@@ -22,10 +22,12 @@ CONFIGS = {
                               memory_attention_type="simple", memory_gate_type="static", memory_gate_init=1.0),
     "mqa-self": dict(CHECKED, self_attention_variant="mqa", cross_attention_variant="ssqa",
                      encoder_attention_variant="mqa", memory_attention_variant="ssqa", memory_attention_type="self"),
-    "sqa-interlayer-untied": dict(CHECKED, self_attention_variant="sqa", cross_attention_variant="xsqa",
-                                  encoder_attention_variant="xsqa", memory_attention_variant="xsqa",
-                                  memory_attention_type="interlayer", num_encoder_layers=3, tie_word_embeddings=False),
-    "moe": dict(CHECKED, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    # with a MoE decoder (top-2 of 4 experts)
+    "sqa-interlayer-moe-untied": dict(CHECKED, self_attention_variant="sqa", cross_attention_variant="xsqa",
+                                      encoder_attention_variant="xsqa", memory_attention_variant="xsqa",
+                                      memory_attention_type="interlayer", num_encoder_layers=3,
+                                      tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
+                                      moe_intermediate_size=32),
 }
 
 # The fixed memory of the shared checks: one random interaction read into the initial memory, the same for every row
@@ -180,6 +182,18 @@ def test_memory_keys_values_are_computed_once_per_turn(monkeypatch):
     calls.clear()
     model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)  # the initial memory, also once
     assert len(calls) == model.config.num_hidden_layers
+
+
+def test_assisted_and_prompt_lookup_decoding_equal_greedy():
+    """Speculative strategies crop and extend the cache; the memory's keys/values must stay right throughout."""
+    model = tiny_model(eos_token_id=None)
+    ids = random_ids(1, 8, seed=0)
+    memory = read(model, model.init_memory(1), random_ids(1, 9, seed=1))
+    kw = dict(memory=memory, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    greedy = model.generate(ids, **kw)
+    assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=3, **kw), greedy)
+    assistant = tiny_model(eos_token_id=None, intermediate_size=32)
+    assert torch.equal(model.generate(ids, assistant_model=assistant, **kw), greedy)
 
 
 def test_a_batch_of_one_memory_is_broadcast_and_wrong_layouts_raise():
@@ -420,7 +434,7 @@ def test_bad_configs_raise_clear_errors(kwargs, field):
 
 
 def test_config_round_trips_through_dict():
-    config = RxTConfig(**CONFIGS["sqa-interlayer-untied"])
+    config = RxTConfig(**CONFIGS["sqa-interlayer-moe-untied"])
     again = RxTConfig.from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict()
     assert again.attention_heads("xsqa") == (1, 1) and again.attention_heads("sqa") == (2, 2)

@@ -2,18 +2,27 @@
 
 import json
 import os
-import subprocess
+import runpy
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 def run_bench(script: str, out, *args) -> dict:
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--device", "cpu", "--tiny",
-                             "--out", str(out), *args], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """Runs the script as `python bench/<script> --device cpu --tiny ...` would, in this process (no import cost)."""
+    path = os.path.join(BENCH, script)
+    argv, sys.argv = sys.argv, [path, "--device", "cpu", "--tiny", "--out", str(out), *args]
+    sys.path.insert(0, BENCH)
+    try:
+        runpy.run_path(path, run_name="__main__")
+    finally:
+        sys.argv = argv
+        sys.path.remove(BENCH)
+    assert torch.is_grad_enabled()  # the script left this process as it found it
     record = json.loads(out.read_text())
-    assert record["device"] == "cpu" and record["command"].startswith(f"python {os.path.join(ROOT, 'bench', script)}")
+    assert record["device"] == "cpu" and record["command"].startswith(f"python {path} --device cpu --tiny")
     assert {"date", "torch", "transformers", "rows"} <= set(record)
     return record
 
