@@ -412,6 +412,9 @@ def _token_nll(model, input_ids, batch_size: int, show_progress: bool, desc: str
 def _eval_rlm(model, params: dict, args) -> dict:
     from .data import RandomLanguageModel
 
+    if model.config.vocab_size < params["vocab_size"]:  # checked first: a large RLM takes long to build
+        raise CLIError(f"the model's vocabulary ({model.config.vocab_size}) does not cover the RLM's "
+                       f"{params['vocab_size']} symbols")
     try:
         rlm = RandomLanguageModel(**params)
     except ValueError as error:
@@ -419,9 +422,6 @@ def _eval_rlm(model, params: dict, args) -> dict:
     except (MemoryError, RuntimeError) as error:  # its rule table holds vocab_size**3 float64 numbers
         raise CLIError(f"the RLM {args.dataset!r} does not fit in memory ({params['vocab_size']}**3 rules): "
                        f"{_one_line(error)}") from None
-    if model.config.vocab_size < rlm.vocab_size:
-        raise CLIError(f"the model's vocabulary ({model.config.vocab_size}) does not cover the RLM's "
-                       f"{rlm.vocab_size} symbols")
     x = rlm.sample(args.num_sequences, seed=args.seed)  # [n, T]
     model_nll = _token_nll(model, x, args.batch_size, not args.no_progress, "rlm").mean(-1)  # [n]
     optimal = -rlm.next_token_log_probs(x).gather(-1, x.unsqueeze(-1)).squeeze(-1)[:, 1:].mean(-1)  # [n]
