@@ -104,7 +104,8 @@ def _run(parser: argparse.ArgumentParser, command, argv) -> int:
     except Exception as error:
         if args.debug:
             raise
-        print(f"{parser.prog}: error: {_one_line(error)}", file=sys.stderr)
+        hint = " (pip install 'rat_hf[train]' adds the optional dependencies)" if isinstance(error, ImportError) else ""
+        print(f"{parser.prog}: error: {_one_line(error)}{hint}", file=sys.stderr)
         return 2
 
 
@@ -296,8 +297,8 @@ def _generate(args, parser) -> int:
         if encoded["input_ids"].shape[1] == 0:
             if tokenizer.bos_token_id is None:
                 raise CLIError(f"prompt {i} is empty after tokenization and the tokenizer has no BOS token")
-            encoded = {"input_ids": torch.tensor([[tokenizer.bos_token_id]]), "attention_mask": torch.ones(1, 1,
-                                                                                                             dtype=torch.long)}
+            encoded = {"input_ids": torch.tensor([[tokenizer.bos_token_id]]),
+                       "attention_mask": torch.ones(1, 1, dtype=torch.long)}
         encoded = {k: v.to(model.device) for k, v in encoded.items()}
         with torch.no_grad():
             output = model.generate(**encoded, **kwargs)

@@ -63,7 +63,7 @@ class RATLogger:
         from transformers.utils import logging as hf_logging
 
         self.logger = hf_logging.get_logger(name)
-        self.logger.setLevel(level)
+        self.logger.setLevel(min(level, logging.DEBUG) if log_file else level)  # the file gets DEBUG too
         self.logger.propagate = False  # our handlers print it; the root logger would print it again
         for handler in [h for h in self.logger.handlers if getattr(h, "_rat_logger", False)]:
             self.logger.removeHandler(handler)  # a second RATLogger of the same name replaces, not duplicates
@@ -454,8 +454,8 @@ def get_optimal_batch_size(model, seq_len: int, max_memory_gb: float = 8.0, devi
     The estimate (any device): `max_memory_gb` minus weights, gradients and AdamW's two moments (4 copies of the
     parameters), at 70% (the seed's margin), divided by the activation bytes of one sequence — per layer
     `seq_len * d * (34 + 5 * heads * seq_len / d)` half-precision bytes (Korthikanti et al. 2022), scaled to the
-    model's dtype, plus three `seq_len * vocab` logits-sized buffers. On CUDA that number is then tried with accelerate's
-    `find_executable_batch_size`, which halves it until a forward + backward on random tokens fits the device.
+    model's dtype, plus three `seq_len * vocab` logits-sized buffers. On CUDA that number is then tried with
+    accelerate's `find_executable_batch_size`, which halves it until a forward + backward on random tokens fits.
     """
     device = _device(device)
     config = model.config

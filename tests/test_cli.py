@@ -19,7 +19,8 @@ from rat_hf.data import RandomLanguageModel, pack_for_causal_lm
 from rat_hf.tokenization import train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-TEXTS = [f"Token {i} follows token {i - 1}; the gates pick heads and the convolution reads the past." for i in range(200)]
+TEXTS = [f"Token {i} follows token {i - 1}; the gates pick heads and the convolution reads the past."
+         for i in range(200)]
 RLM_SPEC = "rlm:vocab_size=16,depth=4,beta=1.0,seed=0"
 
 
