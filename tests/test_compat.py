@@ -26,6 +26,8 @@ from rat_hf.compat import (
 )
 from rat_hf.tokenization import train_bpe_tokenizer
 
+from test_cli import one_thread  # noqa: F401  (autouse: tiny models run on one thread)
+
 SMALL = dict(d_model=32, n_layers=2, n_heads=4, n_policies=3, max_seq_len=128)
 
 
@@ -33,14 +35,6 @@ SMALL = dict(d_model=32, n_layers=2, n_heads=4, n_policies=3, max_seq_len=128)
 def tokenizer():
     texts = [f"The future of AI is number {i}; the policies gate every head." for i in range(200)]
     return train_bpe_tokenizer(texts, vocab_size=300)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_rat(tokenizer, seed=0, **overrides):
