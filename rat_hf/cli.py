@@ -294,6 +294,7 @@ def _generate(args, parser) -> int:
     several = len(args.prompt) * args.num_return_sequences > 1
     for i, prompt in enumerate(args.prompt, 1):
         encoded = tokenizer(prompt, return_tensors="pt")
+        encoded = {k: encoded[k] for k in ("input_ids", "attention_mask") if k in encoded}  # no token_type_ids
         if encoded["input_ids"].shape[1] == 0:
             if tokenizer.bos_token_id is None:
                 raise CLIError(f"prompt {i} is empty after tokenization and the tokenizer has no BOS token")

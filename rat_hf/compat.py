@@ -523,7 +523,8 @@ class RATGenerator:
             raise ValueError(f"num_return_sequences must be a positive int, got {num_return_sequences}")
         started = time.time()
         self.model.eval()
-        inputs = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+        encoded = self.tokenizer(prompt, return_tensors="pt")
+        inputs = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask") if k in encoded}
         eos = self.tokenizer.eos_token_id
         if pad_token_id is None:
             pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
