@@ -16,14 +16,19 @@ import json
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants
 
 TEMPLATES = {"rat": "rat.md", "rxt": "rxt.md"}
-# Installed wheels carry the templates as package data (rat_hf/_model_cards); a source checkout has model_cards/.
-TEMPLATE_DIRS = (Path(__file__).parent / "_model_cards", Path(__file__).resolve().parents[1] / "model_cards")
+# A source checkout (or editable install) has model_cards/ beside the package; a wheel installs the same files as
+# data under <prefix>/share/rat_hf/model_cards (pyproject's data-files).
+TEMPLATE_DIRS = (
+    Path(__file__).resolve().parents[1] / "model_cards",
+    Path(sys.prefix) / "share" / "rat_hf" / "model_cards",
+)
 TAGS = ("rat_hf", "custom_code", "text-generation")
 # A Trainer's output_dir also holds checkpoints, TensorBoard runs and pickled arguments: not for the model repo.
 IGNORE_PATTERNS = ("checkpoint-*/**", "runs/**", "training_args.bin", "*.pt", "*.pth")
