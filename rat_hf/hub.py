@@ -207,7 +207,8 @@ def push_folder_to_hub(
     except Exception as err:
         message = (f"Hub push failed: could not {step} at {endpoint}: {_reason(err)}. The local save in {folder} is "
                    f"complete and untouched; push it again with push_folder_to_hub({str(folder)!r}, {repo_id!r}).")
-        raise HubPushError(redact(message, token)) from err
+        # `from None`: the original exception's text may carry the token; the redacted message says what failed
+        raise HubPushError(redact(message, token)) from None
 
 
 def push_to_hub(model, repo_id: str, output_dir, *, tokenizer=None, card: ModelCard | None = None, **push_kwargs):

@@ -74,8 +74,9 @@ class ReactiveSession:
         """Block until the scheduled memory update has finished."""
         if self._pending is None:
             return
-        pending, self._pending = self._pending, None
-        memory, done = pending.result()
+        # a failed update re-raises here on every call until `reset()`: never go on with a stale memory
+        memory, done = self._pending.result()
+        self._pending = None
         if done is not None:  # later work on this thread's stream must see the side stream's result
             torch.cuda.current_stream(self.device).wait_event(done)
             memory.record_stream(torch.cuda.current_stream(self.device))
@@ -83,7 +84,9 @@ class ReactiveSession:
 
     def reset(self) -> None:
         """Start the conversations over from the initial memory."""
-        self.wait()
+        if self._pending is not None:
+            self._pending.exception()  # let it finish; its result (or error) no longer matters
+            self._pending = None
         self._memory = self._fresh_memory()
         self.turns = 0
 

@@ -113,3 +113,26 @@ def test_seed_json_config_is_translated(tmp_path):
     assert RatConfig(**flat["model_config_overrides"]).hidden_size == 768
     with pytest.raises(ValueError, match="unknown key trainer.lrr"):
         from_seed_layout({"trainer": {"lrr": 1}})
+
+
+def test_reinforce_terms_are_normalised_like_the_lm_loss():
+    """Under gradient accumulation `num_items_in_batch` spans several micro-batches: every term scales with it."""
+    torch.manual_seed(0)
+    model = RatForCausalLM(RatConfig(**TINY, gating_mode="reinforce")).train()
+    ids = torch.randint(0, 97, (2, 12))
+    torch.manual_seed(1)
+    alone = model(input_ids=ids, labels=ids)
+    torch.manual_seed(1)
+    split = model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(4 * 2 * 11))  # 4 micro-batches' tokens
+    torch.testing.assert_close(split.lm_loss, alone.lm_loss / 4)
+    torch.testing.assert_close(split.policy_loss, alone.policy_loss / 4)
+
+
+def test_config_equals_form_is_read(tmp_path):
+    from rat_hf.recipes._config import parse_args
+    from rat_hf.recipes.pretrain import DataArguments
+
+    path = tmp_path / "c.yaml"
+    path.write_text("seq_len: 77\n")
+    (data,) = parse_args((DataArguments,), [f"--config={path}"])
+    assert data.seq_len == 77

@@ -35,7 +35,7 @@ def load_config_file(path: str) -> dict:
             import yaml
 
             data = yaml.safe_load(text)
-    except (json.JSONDecodeError, Exception) as e:  # yaml raises its own YAMLError subclasses
+    except Exception as e:  # json.JSONDecodeError, or yaml's own YAMLError subclasses
         raise ValueError(f"--config {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"--config {path!r}: expected a mapping at the top level, got {type(data).__name__}")
@@ -64,6 +64,7 @@ def from_seed_layout(data: dict, path: str = "<config>") -> dict:
 def parse_args(dataclass_types, argv=None):
     """Parse `argv` into the dataclasses, with `--config FILE` values as defaults that the command line overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", default=None, help="YAML/JSON file of arguments (command-line flags override it)")
     config = {}

@@ -93,8 +93,8 @@ def build_data(data: DataArguments, seed: int):
         if data.max_docs:
             texts = texts.select(range(min(data.max_docs, len(texts))))
         label = data.dataset if data.dataset_config is None else f"{data.dataset}/{data.dataset_config}"
-    tokenizer = build_tokenizer(data.tokenizer, texts[data.text_column])
-    packed = pack_for_causal_lm(texts, tokenizer, data.seq_len, text_column=data.text_column)
+    tokenizer = build_tokenizer(data.tokenizer, texts["text"])  # load_text_dataset names the column "text"
+    packed = pack_for_causal_lm(texts, tokenizer, data.seq_len)
     packed = packed.select_columns(["input_ids", "labels"])
     if data.max_train_sequences:
         packed = packed.select(range(min(len(packed), data.max_train_sequences + max(1, int(data.eval_fraction * len(packed))))))
@@ -132,7 +132,10 @@ def main(argv=None) -> dict:
 
     margs, data, hub, args = parse_args((ModelArguments, DataArguments, HubArguments, TrainingArguments), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    command = "python recipes/pretrain_rat.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    program = "rat-train" if os.path.basename(sys.argv[0]) == "rat-train" else "python recipes/pretrain_rat.py"
+    command = f"{program} {shlex.join(sys.argv[1:] if argv is None else argv)}"
+    if margs.model_name_or_path and data.tokenizer == DataArguments.tokenizer and data.dataset != "rlm":
+        data.tokenizer = margs.model_name_or_path  # continuing: the checkpoint's own tokenizer, not a fresh BPE
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end with the card, not every checkpoint
 

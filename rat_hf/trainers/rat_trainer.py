@@ -86,7 +86,8 @@ class RatTrainer(Trainer):
 
     # -- resuming ---------------------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        check_checkpoint(resume_from_checkpoint)
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):  # those save sharded layouts of their own
+            check_checkpoint(resume_from_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 

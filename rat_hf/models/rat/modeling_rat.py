@@ -491,9 +491,7 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
         loss = lm_loss = policy_loss = gate_entropy = policy_usage = None
         if labels is not None:
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # [B, T]: token t predicts t+1
-            valid = shift_labels != -100
-            if attention_mask is not None and attention_mask.dim() == 2:
-                valid = valid & attention_mask[:, -valid.shape[1]:].bool()
+            valid = shift_labels != -100  # the tokens the LM loss counts (as the standard loss: labels alone)
             if outputs.sampled_log_probs is not None:
                 lm_loss, policy_loss = self._reinforce_losses(logits, shift_labels, valid, outputs, **kwargs)
                 loss = lm_loss + self.config.policy_loss_coef * policy_loss
@@ -526,9 +524,11 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
         reward = -token_loss.detach()
         baseline = (reward * valid).sum() / n_valid
         advantage = (reward - baseline) * valid  # [B, T]
-        reinforce = -(advantage * outputs.sampled_log_probs).sum() / n_valid
+        # normalised like the LM loss (by `num_items_in_batch` under gradient accumulation / several processes), so
+        # the coefficients mean the same whatever the accumulation steps and world size
+        reinforce = -(advantage * outputs.sampled_log_probs).sum() / denom
         entropy = torch.stack([-(p * p.clamp_min(1e-12).log()).sum(-1) for p in outputs.selector_probs])  # [L, B, T]
-        entropy = (entropy * valid).sum() / (n_valid * len(outputs.selector_probs))
+        entropy = (entropy * valid).sum() / (denom * len(outputs.selector_probs))
         return lm_loss, reinforce - self.config.entropy_coef * entropy
 
 
