@@ -362,6 +362,9 @@ class RATTrainer:
         self.step_count = 0
         pad = getattr(tokenizer, "pad_token_id", None)
         self.ignore_index = pad if pad is not None else -100
+        if pad is not None and pad == getattr(tokenizer, "eos_token_id", None):
+            self.logger.warning("pad_token_id == eos_token_id: the loss ignores EOS targets as padding (the seed's "
+                                "behaviour), so the model never learns to stop; give the tokenizer its own pad token")
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
