@@ -132,6 +132,26 @@ def test_reset_returns_to_the_initial_memory():
     assert chat.interact_ids([QUERIES[0]]) == first
 
 
+def test_a_failed_background_update_keeps_raising_until_reset(monkeypatch):
+    model = tiny_model()
+    chat = session(model)
+    first = chat.interact_ids([QUERIES[0]])
+    original = type(model).update_memory
+
+    def broken(self, *args):
+        raise RuntimeError("update failed")
+
+    monkeypatch.setattr(type(model), "update_memory", broken)
+    chat.interact_ids([QUERIES[1]])  # answers; its update fails in the background
+    for _ in range(2):  # never silently continues with the stale memory
+        with pytest.raises(RuntimeError, match="update failed"):
+            chat.interact_ids([QUERIES[2]])
+    monkeypatch.setattr(type(model), "update_memory", original)
+    chat.reset()
+    assert chat.interact_ids([QUERIES[0]]) == first
+    chat.close()
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from rat_hf.tokenization import train_bpe_tokenizer
