@@ -88,6 +88,30 @@ def test_skip_invalid_counts_what_it_skips(tmp_path):
         load_chat_jsonl(only_bad, skip_invalid=True)
 
 
+def test_non_utf8_files_name_the_file_and_line(tmp_path):
+    """Latin-1 and UTF-16 files: one error naming path:line and the encoding problem, not a UnicodeDecodeError."""
+    lines = ['{"text": "fine"}', '{"text": "caf\u00e9 au lait"}', '{"text": "also fine"}']
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(("\n".join(lines[:1] + ['{"text": "caf\xe9 au lait"}'] + lines[2:]) + "\n").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text: byte 0xe9 at column 14"):
+        load_chat_jsonl(str(latin1))
+    with pytest.warns(UserWarning, match=r"skipped 1 invalid line\(s\) of .*latin1\.jsonl:2: not UTF-8"):
+        ds = load_chat_jsonl(str(latin1), skip_invalid=True)
+    assert [row["prompt"][0]["content"] for row in ds] == ["fine", "also fine"]
+
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_text("\n".join(lines) + "\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=r"utf16\.jsonl:1: not UTF-8 text: .*UTF-16"):
+        load_chat_jsonl(str(utf16))
+    with pytest.raises(ValueError, match="no valid conversations"), \
+            pytest.warns(UserWarning, match=r"utf16\.jsonl:1: not UTF-8.*utf16\.jsonl:2: not UTF-8"):
+        load_chat_jsonl(str(utf16), skip_invalid=True)
+
+    bom = tmp_path / "bom.jsonl"  # UTF-8 with a byte-order mark (Windows editors): accepted
+    bom.write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
+    assert len(load_chat_jsonl(str(bom))) == 3
+
+
 def test_load_interactions_single_and_multi_turn(tmp_path):
     path = write_jsonl(tmp_path / "int.jsonl", [
         {"query": "q0", "answer": "a0"},

@@ -9,7 +9,8 @@ Accepted lines (one JSON object each; blank lines are ignored):
   a line) is split into turns; text without markers is one user turn.
 A conversation ending with the assistant gives `prompt` = all turns before it and `completion` = [that turn]; one
 ending with the user is prompt-only (`completion` = []), which is what PPO/GRPO-style trainers generate from.
-`quality` (a number or null) stays a column. Every malformed line raises `ValueError("path:line: reason")`, or with
+`quality` (a number or null) stays a column. The file is UTF-8; a line that is not (Latin-1, UTF-16) is malformed.
+Every malformed line raises `ValueError("path:line: reason")`, or with
 `skip_invalid=True` is skipped and counted in a warning; nothing is dropped silently.
 """
 
@@ -100,20 +101,35 @@ def _parse(record) -> dict:
     return {"prompt": prompt, "completion": completion, "quality": None if quality is None else float(quality)}
 
 
+def _decode_line(raw: bytes, lineno: int) -> str:
+    """One line of the file as UTF-8 text; `_Invalid` says why not (UTF-16/32 and Latin-1 are the usual culprits)."""
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors) is harmless
+        raw = raw[3:]
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        raise _Invalid("not UTF-8 text: NUL bytes or a byte-order mark, as in UTF-16/UTF-32; re-save the file as UTF-8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _Invalid(f"not UTF-8 text: byte 0x{raw[err.start]:02x} at column {err.start + 1} cannot be decoded "
+                       "(Latin-1 or cp1252?); re-save the file as UTF-8") from None
+
+
 def load_chat_jsonl(path, skip_invalid: bool = False):
     """Read a chat JSONL file into a `datasets.Dataset` with `prompt`, `completion` (message lists), `quality`.
 
-    Malformed lines raise `ValueError("path:line: reason")`; with `skip_invalid=True` they are skipped and a
-    warning says how many (with the first reasons). Raises if no valid line remains.
+    The file must be UTF-8 (a leading byte-order mark is allowed). Malformed lines — including lines that are not
+    UTF-8, e.g. a Latin-1 or UTF-16 file — raise `ValueError("path:line: reason")`; with `skip_invalid=True` they are
+    skipped and a warning says how many (with the first reasons). Raises if no valid line remains.
     """
     from datasets import Dataset
 
     rows, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # bytes: an undecodable line is then reported (or skipped) as that line
+        for lineno, raw in enumerate(f, start=1):
             try:
+                line = _decode_line(raw, lineno)
+                if not line.strip():
+                    continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
