@@ -39,13 +39,37 @@ def test_logs_gating_statistics_perplexity_and_speed(tmp_path):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 6
-    for key in ("lm_loss", "policy_loss", "perplexity", "tokens_per_second", "gate/entropy", "gate/entropy/layer_1",
-                "gate/usage/layer_0/policy_2"):
+    for key in ("lm_loss", "policy_loss", "perplexity", "tokens_per_second", "gate/entropy", "gate/usage_max",
+                "gate/entropy/layer_1", "gate/usage/layer_0/policy_2"):
         assert key in logs[0], key
     usage = sum(logs[-1][f"gate/usage/layer_0/policy_{j}"] for j in range(3))
     assert usage == pytest.approx(1.0, abs=1e-4)
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
     assert any("selector" in n for n in changed) and any("q_proj" in n for n in changed)
+
+
+@pytest.mark.parametrize("disable_tqdm", [True, False])
+def test_console_log_lines_stay_short(tmp_path, capsys, disable_tqdm):
+    """Per-layer gate statistics go to log_history/TensorBoard only: a printed step log is one short line."""
+    trainer = make_trainer(tmp_path, max_steps=2, gating_mode="reinforce", n_policies=4, num_hidden_layers=6)
+    trainer.args.disable_tqdm = disable_tqdm
+    trainer.args.save_strategy = "no"
+    if not disable_tqdm:  # make_trainer disables tqdm: put the progress bar back as Trainer would
+        from transformers import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(ProgressCallback)
+        trainer = RatTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
+                             data_collator=default_data_collator)
+    trainer.train()
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if "'loss'" in line]
+    assert len(lines) == 2, captured
+    for line in lines:
+        assert "gate/entropy" in line and "gate/usage_max" in line and "layer_" not in line, line
+        assert len(line) < 320, f"{len(line)} characters: {line}"
+    step_log = [e for e in trainer.state.log_history if "loss" in e][0]
+    assert "gate/usage/layer_5/policy_3" in step_log and "gate/entropy/layer_5" in step_log  # the details are kept
 
 
 class StopAfter(TrainerCallback):
@@ -87,12 +111,40 @@ def test_broken_checkpoints_give_clear_errors(tmp_path):
         make_trainer(tmp_path, max_steps=4).train(resume_from_checkpoint=str(ckpt))
     weights.write_bytes(data)
 
+    def one_line_error(match):  # resuming raises a single line naming the file, before anything is loaded
+        with pytest.raises(ValueError, match=match) as info:
+            make_trainer(tmp_path, max_steps=4).train(resume_from_checkpoint=str(ckpt))
+        assert "\n" not in str(info.value) and "checkpoint-3" in str(info.value)
+
+    for name, damage, match in [
+        ("optimizer.pt", lambda b: b[: len(b) // 2], "optimizer.pt is corrupted or truncated"),
+        ("optimizer.pt", lambda b: b[:-1], "optimizer.pt is corrupted or truncated"),
+        ("scheduler.pt", lambda b: b"garbage" * 10, "scheduler.pt is corrupted or truncated"),
+        ("rng_state.pth", lambda b: b[: len(b) // 2], "rng_state.pth is corrupted or truncated"),
+        ("trainer_state.json", lambda b: b"{}", "trainer_state.json is corrupted .*'global_step' missing"),
+        ("trainer_state.json", lambda b: b"[]", "trainer_state.json is corrupted"),
+        ("trainer_state.json", lambda b: b"{not json", "trainer_state.json is corrupted"),
+    ]:
+        original = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(damage(original))
+        one_line_error(match)
+        (ckpt / name).write_bytes(original)
+    check_checkpoint(str(ckpt))  # restored: fine again
+
     (ckpt / "optimizer.pt").unlink()
     with pytest.raises(ValueError, match="incomplete: missing optimizer.pt"):
         check_checkpoint(str(ckpt))
-    (ckpt / "trainer_state.json").write_text("{not json")
-    with pytest.raises(ValueError):
-        check_checkpoint(str(ckpt))
+
+
+def test_missing_rng_state_warns_that_resume_is_not_exact(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-3"
+    (ckpt / "rng_state.pth").rename(ckpt / "rng_state_0.pth")  # as if saved by a 2-process run
+    with pytest.warns(UserWarning, match=r"checkpoint-3' has no rng_state.pth \(it has rng_state_0.pth.*NOT exact"):
+        make_trainer(tmp_path, max_steps=4).train(resume_from_checkpoint=str(ckpt))
+    with pytest.warns(UserWarning, match=r"no rng_state_1.pth"):  # what process 1 of 2 looks for
+        check_checkpoint(str(ckpt), world_size=2, process_index=1)
 
 
 def test_seed_json_config_is_translated(tmp_path):

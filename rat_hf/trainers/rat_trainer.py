@@ -4,24 +4,34 @@ Everything about training — schedules, clipping, accumulation, mixed precision
 `auto_find_batch_size`, TensorBoard/trackio, tqdm, multi-GPU through accelerate — is `Trainer`'s. This adds:
 
 - next to `loss`: `lm_loss`, `policy_loss` (reinforce gating), `perplexity`, `tokens_per_second` and the gating
-  statistics `gate/entropy` (mean selector entropy, nats) plus per layer `gate/entropy/layer_{i}` and
-  `gate/usage/layer_{i}/policy_{j}` (mean selector probability of each policy);
+  summary `gate/entropy` (mean selector entropy, nats) and `gate/usage_max` (the largest mean probability of any
+  policy in any layer: near 1 means the selector collapsed onto one policy); per layer `gate/entropy/layer_{i}` and
+  `gate/usage/layer_{i}/policy_{j}` (mean selector probability of each policy) go to `state.log_history` (saved in
+  `trainer_state.json`) and to the reporting integrations (TensorBoard, trackio, ...), not to the console: the
+  printed line (tqdm or `disable_tqdm=True`) keeps only the summary, floats to 4 significant digits;
 - `eval_perplexity` next to `eval_loss`;
-- a check of a checkpoint before resuming from it: a missing or truncated file is reported by name instead of
-  surfacing as a deserialisation error deep inside torch.
+- a check of a checkpoint before resuming from it: a missing, truncated or unreadable file (weights, `optimizer.pt`,
+  `scheduler.pt`, `trainer_state.json`, the RNG state) is reported by name in one line instead of surfacing as a
+  deserialisation error deep inside torch, or as a `{}` state silently restarting at step 0.
 
 Resuming is exact because `Trainer` restores optimizer, scheduler, RNG states and the data position; RAT's only
-randomness (dropout, policy sampling) draws from those RNGs.
+randomness (dropout, policy sampling) draws from those RNGs. A checkpoint without its RNG state file
+(`rng_state.pth`, or `rng_state_{rank}.pth` per process) still resumes, with a `UserWarning` naming the file and
+saying the run will not be exact: raising would block legitimate resumes (a checkpoint copied without it, a different
+number of processes, which `Trainer` itself allows), while the warning keeps the loss of exactness visible.
 """
 
+import dataclasses
 import json
 import math
 import os
 import time
+import warnings
+import zipfile
 from collections import defaultdict
 
 import torch
-from transformers import Trainer
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerState
 
 
 class RatTrainer(Trainer):
@@ -33,6 +43,9 @@ class RatTrainer(Trainer):
         self._rat_counts: dict[str, int] = defaultdict(int)
         self._tokens_since_log = 0
         self._last_log_time = time.perf_counter()
+        for callback in self.callback_handler.callbacks:  # the console shows a summary; integrations get everything
+            if type(callback) in _CONSOLE:
+                callback.__class__ = _CONSOLE[type(callback)]
 
     # -- collecting -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -53,6 +66,7 @@ class RatTrainer(Trainer):
         entropy = getattr(outputs, "gate_entropy", None)
         if entropy is not None:
             values["gate/entropy"] = entropy.float().mean().item()
+            values["gate/usage_max"] = outputs.policy_usage.float().max().item()
             for i, e in enumerate(entropy.tolist()):
                 values[f"gate/entropy/layer_{i}"] = e
             for i, row in enumerate(outputs.policy_usage.tolist()):
@@ -87,16 +101,48 @@ class RatTrainer(Trainer):
     # -- resuming ---------------------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):  # those save sharded layouts of their own
-            check_checkpoint(resume_from_checkpoint)
+            check_checkpoint(resume_from_checkpoint, world_size=self.args.world_size,
+                             process_index=self.args.process_index)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _console_view(logs: dict) -> dict:
+    """What the console prints of a log: no per-layer gate keys, floats to 4 significant digits."""
+    return {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items()
+            if not k.startswith(("gate/entropy/", "gate/usage/"))}
+
+
+class _ConsoleProgressCallback(ProgressCallback):
+    """`ProgressCallback` printing `_console_view` of each log (the full log still reaches every other callback)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return super().on_log(args, state, control, logs=None if logs is None else _console_view(logs), **kwargs)
+
+
+class _ConsolePrinterCallback(PrinterCallback):
+    """`PrinterCallback` (used with `disable_tqdm=True`) printing `_console_view` of each log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None:
+            logs.pop("total_flos", None)  # as PrinterCallback does to the shared dict
+        return super().on_log(args, state, control, logs=None if logs is None else _console_view(logs), **kwargs)
+
+
+_CONSOLE = {ProgressCallback: _ConsoleProgressCallback, PrinterCallback: _ConsolePrinterCallback}
 
 
 def _perplexity(loss: float) -> float:
     return round(math.exp(min(loss, 50.0)), 4)  # capped: exp(50) already says "untrained"
 
 
-def check_checkpoint(path: str) -> None:
-    """Raise a `ValueError` naming what is wrong if `path` is not a complete `Trainer` checkpoint."""
+def check_checkpoint(path: str, world_size: int = 1, process_index: int = 0) -> None:
+    """Raise a one-line `ValueError` naming the file if `path` is not a complete, readable `Trainer` checkpoint.
+
+    Checks that the weights, `trainer_state.json`, `optimizer.pt` and `scheduler.pt` are present and readable (the
+    optimizer's tensors are memory-mapped, not read) and that the state is a `Trainer` state with a `global_step`.
+    A missing RNG state file (`rng_state.pth`, or `rng_state_{process_index}.pth` when `world_size > 1`) gives a
+    `UserWarning` that the resume will not be exact; an unreadable one raises.
+    """
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path!r} is not a directory")
     weights = [f for f in ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
@@ -110,11 +156,7 @@ def check_checkpoint(path: str) -> None:
             f"checkpoint {path!r} is incomplete: missing {', '.join(missing)} (was the run stopped while saving?); "
             "resume from an earlier checkpoint-* folder"
         )
-    try:
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"checkpoint {path!r}: trainer_state.json is corrupted ({e})") from e
+    _check_trainer_state(path)
     if weights[0].endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -131,9 +173,61 @@ def check_checkpoint(path: str) -> None:
                 f"checkpoint {path!r}: {weights[0]} is truncated ({os.path.getsize(file)} of {expected} bytes)"
             )
     for name in ("optimizer.pt", "scheduler.pt"):
-        file = os.path.join(path, name)
-        if os.path.getsize(file) == 0:
-            raise ValueError(f"checkpoint {path!r}: {name} is empty (was the run stopped while saving?)")
+        _check_torch_file(path, name)
+    rng = "rng_state.pth" if world_size <= 1 else f"rng_state_{process_index}.pth"
+    if os.path.exists(os.path.join(path, rng)):
+        _check_torch_file(path, rng)
+    else:
+        others = sorted(f for f in os.listdir(path) if f.startswith("rng_state"))
+        found = f" (it has {', '.join(others)}: saved by a different number of processes)" if others else ""
+        warnings.warn(
+            f"checkpoint {path!r} has no {rng}{found}: resuming continues with fresh random states, so dropout and "
+            "policy sampling differ from the uninterrupted run and the resumed run is NOT exact",
+            UserWarning, stacklevel=3,
+        )
+
+
+def _check_trainer_state(path: str) -> None:
+    """`trainer_state.json` must be a JSON object of `TrainerState` fields with an integer `global_step`."""
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {path!r}: trainer_state.json is corrupted ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path!r}: trainer_state.json is corrupted (a JSON object expected, "
+                         f"got {type(state).__name__})")
+    step = state.get("global_step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint {path!r}: trainer_state.json is corrupted ('global_step' missing or not a "
+                         f"non-negative integer: {step!r})")
+    unknown = sorted(set(state) - {f.name for f in dataclasses.fields(TrainerState)})
+    if unknown:
+        raise ValueError(f"checkpoint {path!r}: trainer_state.json is corrupted (unknown fields {unknown})")
+    if not isinstance(state.get("log_history", []), list):
+        raise ValueError(f"checkpoint {path!r}: trainer_state.json is corrupted ('log_history' is not a list)")
+
+
+def _check_torch_file(path: str, name: str) -> None:
+    """Deserialise a `torch.save` file of the checkpoint; a truncated or foreign file raises naming `name`.
+
+    `torch.save` writes a zip archive whose directory sits at the end, so a truncated file fails to open; its
+    tensors are memory-mapped rather than read. (A pre-zip legacy file is loaded in full.)
+    """
+    file = os.path.join(path, name)
+    size = os.path.getsize(file)
+    if size == 0:
+        raise ValueError(f"checkpoint {path!r}: {name} is empty (was the run stopped while saving?)")
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types `Trainer` allows in its RNG state
+
+    try:
+        zipped = zipfile.is_zipfile(file)
+        with safe_globals():
+            torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... depending on the damage
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"checkpoint {path!r}: {name} is corrupted or truncated ({size} bytes; "
+                         f"torch.load: {reason})") from None
 
 
 def _safetensors_payload_end(file: str) -> int:
