@@ -3,9 +3,24 @@
 Transformers naming throughout (`hidden_size`, `num_hidden_layers`, ...). The names of the original `rat-transformer`
 package (`d_model`, `n_layers`, `n_heads`, `max_seq_len`, `dropout`, `mlp_ratio`, `tie_weights`, `use_checkpointing`)
 are accepted as aliases and build exactly the same model.
+
+The config refuses silent mistakes, naming the field: wrong types (`hidden_size="64"`, `use_rope="no"`), sizes that do
+not fit together (`hidden_size` not divisible by `num_attention_heads` when `head_dim` is not given), non-positive or
+NaN numbers, and unknown keys (a typo such as `num_hiden_layers`: ValueError with the close match; in a saved config,
+recognised by its `transformers_version` key, a warning instead, so a checkpoint carrying extra attributes still
+loads). This file ships to the Hub as remote code: it imports only the standard library and transformers.
 """
 
+import dataclasses
+import difflib
+import inspect
+import math
+
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # The seed's names -> ours. `mlp_ratio` and `dropout` need arithmetic / fan-out and are handled separately.
 _SEED_ALIASES = {
@@ -32,8 +47,54 @@ PRESETS = {
 }
 
 
+# Keys that `PreTrainedConfig` itself takes (or silently drops) besides its dataclass fields, and what `to_dict()` writes.
+_BASE_KEYS = {
+    "torch_dtype", "dtype", "num_labels", "id2label", "label2id", "problem_type", "name_or_path", "_name_or_path",
+    "_commit_hash", "output_attentions", "attn_implementation", "experts_implementation",
+    "_attn_implementation_internal", "_experts_implementation_internal", "per_layer_config", "auto_map", "model_type",
+    "transformers_version", "architectures", "rope_scaling", "rope_theta", "tie_last_hidden_states",
+    "base_model_tp_plan", "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
+}
+
+
 def _round_up(x: int, multiple: int) -> int:
     return multiple * ((x + multiple - 1) // multiple)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _known_base_keys(config_class) -> set:
+    keys = set(_BASE_KEYS) | {f.name for f in dataclasses.fields(config_class)}
+    try:  # generation parameters in old configs: `PreTrainedConfig` drops them
+        from transformers import GenerationConfig
+
+        keys |= set(GenerationConfig._get_default_generation_params())
+    except (ImportError, AttributeError):
+        pass
+    return keys
+
+
+def _check_unknown_keys(config_class, kwargs: dict, known: set) -> None:
+    """ValueError for a key no field takes (with the close match); only a warning when loading a saved config."""
+    unknown = sorted(set(kwargs) - known - _known_base_keys(config_class))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    message = f"{config_class.__name__}: unknown key{'s' if len(hints) > 1 else ''} {', '.join(hints)}"
+    if "transformers_version" in kwargs:  # written by `to_dict()`: a saved config may carry extra attributes
+        logger.warning(f"{message}; kept as attribute{'s' if len(hints) > 1 else ''}, but no {config_class.model_type} "
+                       "code reads it")
+        return
+    raise ValueError(f"{message}; see the {config_class.__name__} docstring for the accepted fields")
 
 
 class RatConfig(PreTrainedConfig):
@@ -51,7 +112,8 @@ class RatConfig(PreTrainedConfig):
         num_key_value_heads: key/value heads (GQA when fewer than `num_attention_heads`); defaults to all.
         head_dim: per-head width; defaults to `hidden_size // num_attention_heads`.
         max_position_embeddings: longest sequence the RoPE tables are meant for.
-        rope_parameters: transformers RoPE dict (`{"rope_type": "default", "rope_theta": 10000.0}` by default).
+        rope_parameters: transformers RoPE dict (`{"rope_type": "default", "rope_theta": 10000.0}` by default; None
+            with `use_rope=False`). The pre-5.0 top-level `rope_theta=` is accepted too.
         use_rope: rotary position embeddings on queries and keys; `False` relies on causality + the convolution (NoPE).
         n_policies: number of policy nets proposing per-head gates at every token.
         policy_hidden_size: width of each policy net and of the selector; defaults to `hidden_size // 8`. The seed's
@@ -116,6 +178,7 @@ class RatConfig(PreTrainedConfig):
         layer_types: list[str] | None = None,
         **kwargs,
     ):
+        _check_unknown_keys(type(self), kwargs, _OWN_KEYS)
         explicit = dict(
             hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
             max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
@@ -126,13 +189,31 @@ class RatConfig(PreTrainedConfig):
                 explicit[name] = kwargs.pop(seed_name)
         hidden_size, num_hidden_layers = explicit["hidden_size"], explicit["num_hidden_layers"]
         num_attention_heads = explicit["num_attention_heads"]
+        # the fields other defaults derive from are checked first, so a wrong type is named, not a TypeError below
+        for field, value in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),
+                             ("num_attention_heads", num_attention_heads)):
+            if not (_is_int(value) and value > 0):
+                raise ValueError(f"RatConfig.{field}={value!r} is invalid: must be a positive int")
         if "dropout" in kwargs:  # the seed's single dropout covers both places it used dropout
             hidden_dropout = attention_dropout = kwargs.pop("dropout")
         if "mlp_ratio" in kwargs:
             mlp_ratio = kwargs.pop("mlp_ratio")
             if intermediate_size is not None:
                 raise ValueError("RatConfig: give either `intermediate_size` or the seed's `mlp_ratio`, not both")
+            if not (_is_number(mlp_ratio) and mlp_ratio > 0):
+                raise ValueError(f"RatConfig.mlp_ratio={mlp_ratio!r} is invalid: must be a positive number")
             intermediate_size = _round_up(int(mlp_ratio * hidden_size), 256)
+        given_rope = bool(rope_parameters)
+        if given_rope and not isinstance(rope_parameters, dict):
+            raise ValueError(f"RatConfig.rope_parameters={rope_parameters!r} is invalid: must be a dict with a "
+                             "'rope_type' key")
+        rope_parameters = dict(rope_parameters) if given_rope else {"rope_type": "default", "rope_theta": 10000.0}
+        if "rope_theta" in kwargs and "rope_scaling" not in kwargs:  # the pre-5.0 top-level key, which
+            rope_theta = kwargs.pop("rope_theta")                     # `PreTrainedConfig` would drop here silently
+            if given_rope and rope_parameters.get("rope_theta", rope_theta) != rope_theta:
+                raise ValueError(f"RatConfig.rope_theta={rope_theta!r} is invalid: rope_parameters says "
+                                 f"{rope_parameters['rope_theta']!r}; give it once")
+            rope_parameters["rope_theta"] = rope_theta
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -140,9 +221,12 @@ class RatConfig(PreTrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
-        self.head_dim = head_dim if head_dim is not None else hidden_size // max(num_attention_heads, 1)
+        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
         self.max_position_embeddings = explicit["max_position_embeddings"]
-        self.rope_parameters = dict(rope_parameters) if rope_parameters else {"rope_type": "default", "rope_theta": 10000.0}
+        # NoPE keeps no RoPE parameters: set only after `PreTrainedConfig.__init__`, whose RoPE validation would
+        # otherwise refuse an odd head_dim that no rotary embedding uses (transformers >= 5.24)
+        if use_rope is not False:
+            self.rope_parameters = rope_parameters
         self.use_rope = use_rope
         self.n_policies = n_policies
         self.policy_hidden_size = policy_hidden_size if policy_hidden_size is not None else max(hidden_size // 8, 1)
@@ -162,38 +246,70 @@ class RatConfig(PreTrainedConfig):
         self.use_gradient_checkpointing = explicit["use_gradient_checkpointing"]
         # Every layer keeps attention KV *and* a convolution state: one "hybrid" cache layer each, so `generate()`
         # builds the right `DynamicCache` from the config.
-        self.layer_types = list(layer_types) if layer_types is not None else ["hybrid"] * num_hidden_layers
-        self._validate()
+        self.layer_types = list(layer_types) if isinstance(layer_types, (list, tuple)) else (
+            ["hybrid"] * num_hidden_layers if layer_types is None else layer_types)
+        self._validate(head_dim_given=head_dim is not None, tie_word_embeddings=explicit["tie_word_embeddings"],
+                       pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
         super().__init__(
             pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
             tie_word_embeddings=explicit["tie_word_embeddings"], **kwargs,
         )
+        if use_rope is False:
+            self.rope_parameters = None
+        else:
+            self._validate_rope()
 
-    def _validate(self) -> None:
+    def _validate(self, **init_only) -> None:
+        """Check every field (and `init_only`: arguments `PreTrainedConfig` stores); ValueError naming the field."""
         def need(ok: bool, field: str, constraint: str) -> None:
             if not ok:
-                raise ValueError(f"RatConfig.{field}={getattr(self, field)!r} is invalid: {constraint}")
+                value = init_only[field] if field in init_only else getattr(self, field)
+                raise ValueError(f"RatConfig.{field}={value!r} is invalid: {constraint}")
 
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "head_dim", "max_position_embeddings", "n_policies", "policy_hidden_size"):
             value = getattr(self, field)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, "must be a positive int")
+            need(_is_int(value) and value > 0, field, "must be a positive int")
+        for field in ("use_rope", "conv_bias", "attention_bias", "mlp_bias", "use_cache", "use_gradient_checkpointing"):
+            need(isinstance(getattr(self, field), bool), field, "must be True or False")
+        need(isinstance(init_only["tie_word_embeddings"], bool), "tie_word_embeddings", "must be True or False")
+        for field in ("pad_token_id", "bos_token_id"):
+            need(init_only[field] is None or _is_int(init_only[field]), field, "must be an int token id or None")
+        eos = init_only["eos_token_id"]
+        need(eos is None or _is_int(eos) or (isinstance(eos, (list, tuple)) and all(_is_int(e) for e in eos)),
+             "eos_token_id", "must be an int token id, a list of them, or None")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
              f"must be a multiple of num_key_value_heads={self.num_key_value_heads}")
-        need(self.head_dim % 2 == 0 or not self.use_rope, "head_dim", "must be even for rotary embeddings")
+        need(init_only["head_dim_given"] or self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+             f"must be divisible by num_attention_heads ({self.num_attention_heads}) when head_dim is not given")
+        need(self.head_dim % 2 == 0 or not self.use_rope, "head_dim", "must be even for rotary embeddings "
+             "(odd widths need use_rope=False)")
         need(self.gating_mode in ("soft", "reinforce"), "gating_mode", "must be 'soft' or 'reinforce'")
         need(self.gating_mode == "soft" or self.n_policies >= 2, "n_policies",
              "must be >= 2 with gating_mode='reinforce' (with one policy there is nothing to choose)")
-        need(isinstance(self.conv_kernel_size, int) and self.conv_kernel_size >= 2, "conv_kernel_size",
-             "must be an int >= 2")
+        need(_is_int(self.conv_kernel_size) and self.conv_kernel_size >= 2, "conv_kernel_size", "must be an int >= 2")
+        need(isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN, "hidden_act",
+             "must name a transformers activation (e.g. 'silu', 'gelu')")
         for field in ("hidden_dropout", "attention_dropout"):
-            need(0.0 <= getattr(self, field) < 1.0, field, "must be in [0, 1)")
+            value = getattr(self, field)
+            need(_is_number(value) and 0.0 <= value < 1.0, field, "must be a number in [0, 1)")
         for field in ("policy_loss_coef", "entropy_coef"):
-            need(getattr(self, field) >= 0.0, field, "must be >= 0")
-        need(len(self.layer_types) == self.num_hidden_layers and set(self.layer_types) <= {"hybrid"}, "layer_types",
+            value = getattr(self, field)
+            need(_is_number(value) and value >= 0.0, field, "must be a finite number >= 0")
+        for field in ("rms_norm_eps", "initializer_range"):
+            value = getattr(self, field)
+            need(_is_number(value) and value > 0.0, field, "must be a finite number > 0")
+        need(isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers
+             and set(self.layer_types) <= {"hybrid"}, "layer_types",
              f"must be ['hybrid'] * num_hidden_layers ({self.num_hidden_layers}): every RAT layer has attention and a conv")
-        need(isinstance(self.rope_parameters, dict) and "rope_type" in self.rope_parameters, "rope_parameters",
-             "must be a dict with a 'rope_type' key")
+        need(not self.use_rope or (isinstance(self.rope_parameters, dict) and "rope_type" in self.rope_parameters),
+             "rope_parameters", "must be a dict with a 'rope_type' key")
+
+    def _validate_rope(self) -> None:
+        theta = self.rope_parameters.get("rope_theta") if isinstance(self.rope_parameters, dict) else None
+        if not (_is_number(theta) and theta > 0):
+            raise ValueError(f"RatConfig.rope_theta={theta!r} is invalid: must be a finite number > 0 "
+                             "(in rope_parameters['rope_theta'])")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "RatConfig":
@@ -202,5 +318,9 @@ class RatConfig(PreTrainedConfig):
             raise ValueError(f"RatConfig.from_preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+
+# What `RatConfig(...)` takes by name: its arguments, the seed's aliases and the seed's `dropout` / `mlp_ratio`.
+_OWN_KEYS = ({name for name, p in inspect.signature(RatConfig.__init__).parameters.items()
+              if p.kind is p.POSITIONAL_OR_KEYWORD and name != "self"} | set(_SEED_ALIASES) | {"dropout", "mlp_ratio"})
 
 __all__ = ["RatConfig", "PRESETS"]
