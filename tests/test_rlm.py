@@ -3,6 +3,7 @@
 import itertools
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -90,6 +91,45 @@ def test_optimal_loss_consistent_with_log_prob_and_positions():
     assert math.isclose(pos_mean.mean().item(), mean, rel_tol=1e-12)
     # Structure helps: the optimum is below the unconditional entropy log V.
     assert mean < math.log(6)
+
+
+def oracle_logits(rlm, x):
+    """The exact conditional model as a causal LM: logits at t predict token t+1 (the last row predicts nothing)."""
+    lp = rlm.next_token_log_probs(x)  # [n, T, V]: log P(x_t = v | x_<t)
+    return torch.cat([lp[:, 1:], torch.zeros_like(lp[:, :1])], dim=1)  # [n, T, V]
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0])
+def test_exact_model_has_zero_gap_to_the_optimum(beta):
+    """Compare like with like: a perfect causal LM's loss (positions 1..T-1) minus the optimum is 0, not negative."""
+    from rat_hf.recipes.rlm_next_token import _argmax_and_last_nll, _metrics, optima
+
+    rlm = RandomLanguageModel(8, 4, beta=beta, seed=1)
+    n, seed = 300, 5
+    x = rlm.sample(n, seed=seed)
+    logits = oracle_logits(rlm, x)
+    lm_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).item()  # as HF
+
+    best = optima(rlm, num_samples=n, seed=seed)  # the recipe's optimum, on the same samples as the oracle
+    assert lm_loss - best["optimal_loss"] >= -1e-6
+    assert lm_loss - best["optimal_loss"] == pytest.approx(0.0, abs=1e-9)
+    assert abs(rlm.optimal_loss(num_samples=n, seed=seed)[0] - lm_loss) > 1e-3  # 0..T-1 (the first marginal) is off
+
+    # The recipe's last-position metric on the exact model equals the last-position optimum.
+    predictions, last_nll = _argmax_and_last_nll(logits, x)
+    metrics = _metrics(SimpleNamespace(predictions=(predictions.numpy(), last_nll.numpy()), label_ids=x.numpy()))
+    assert metrics["last_loss"] - best["optimal_last_loss"] == pytest.approx(0.0, abs=1e-6)  # float32 logits
+    per_position, _ = rlm.optimal_loss_per_position(num_samples=n, seed=seed)
+    assert best["optimal_last_loss"] == pytest.approx(per_position[-1].item(), abs=1e-12)
+    assert best["optimal_loss"] == pytest.approx(per_position[1:].mean().item(), abs=1e-12)
+
+
+def test_optimal_loss_start_is_checked():
+    rlm = RandomLanguageModel(4, 2, beta=1.0)
+    assert rlm.optimal_loss(num_samples=20, start=-4) == rlm.optimal_loss(num_samples=20)
+    for bad in (4, -5, 1.0, True):
+        with pytest.raises(ValueError, match="start must be an integer in"):
+            rlm.optimal_loss(num_samples=20, start=bad)
 
 
 def test_speed_budget_one_core():

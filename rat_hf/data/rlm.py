@@ -138,14 +138,23 @@ class RandomLanguageModel:
         x = self.sample(num_samples, seed=seed)  # [n, T]
         return -self.next_token_log_probs(x).gather(-1, x.unsqueeze(-1)).squeeze(-1)  # [n, T]
 
-    def optimal_loss(self, num_samples: int = 2000, seed: int = 12345) -> tuple:
-        """Bayes-optimal mean next-token loss in nats/token: (mean, standard error over sequences).
+    def optimal_loss(self, num_samples: int = 2000, seed: int = 12345, start: int = 0) -> tuple:
+        """Bayes-optimal mean next-token loss in nats/token over positions `start`..T-1: (mean, standard error).
 
         Exact per-sequence log-probabilities of fresh samples, averaged; the error bar is the spread of the
-        per-sequence mean over independent sequences.
+        per-sequence mean over independent sequences. `start=0` includes position 0, the first token's marginal,
+        which no causal LM is scored on: compare a causal LM's loss (labels shifted by one) with `start=1`, the
+        optimum over positions 1..T-1. `start=-1` is the last position alone (the RLM seed's task).
         """
-        per_seq = self._sampled_nll(num_samples, seed).mean(-1)  # [n]
+        positions = self._positions(start)
+        per_seq = self._sampled_nll(num_samples, seed)[:, positions].mean(-1)  # [n]
         return float(per_seq.mean()), float(per_seq.std() / math.sqrt(num_samples))
+
+    def _positions(self, start) -> slice:
+        if isinstance(start, bool) or not isinstance(start, int) or not -self.seq_len <= start < self.seq_len:
+            raise ValueError(f"start must be an integer in [-{self.seq_len}, {self.seq_len}) (a position of the "
+                             f"{self.seq_len}-token sequence), got {start!r}")
+        return slice(start % self.seq_len, None)
 
     def optimal_loss_per_position(self, num_samples: int = 2000, seed: int = 12345) -> tuple:
         """Bayes-optimal loss at every position: (mean [T], standard error [T]) as float64 tensors."""

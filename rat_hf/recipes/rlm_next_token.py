@@ -8,6 +8,12 @@ The online regime of the RLM seed: every step trains on fresh sequences from the
 train and test loss differ only by noise and the gap to the optimum is the model's real shortfall. SGD with momentum
 (the seed's choice) or AdamW, warmup + cosine; checkpoints and evaluations at log-spaced steps; the dynamics (train /
 test loss and accuracy over steps) go to `dynamics.json` and `dynamics.png`, the exact optimal loss drawn as a line.
+
+Like with like: a causal LM is scored on positions 1..T-1 (token t predicts t+1; nothing predicts the first token), so
+the optimum it is compared with is the exact loss over the same positions (`optimal_loss(start=1)`), never the mean
+over 0..T-1, which includes the first token's marginal and would make a perfect model look better than optimal. The
+last position alone (the RLM seed's task: predict the final leaf from all the others) is reported too: the model's
+test loss there (`test_last_loss`) next to its own optimum (`optimal_last_loss`).
 """
 
 import json
@@ -54,14 +60,26 @@ class LogSpacedSteps(TrainerCallback):
             control.should_evaluate = control.should_save = True
 
 
-def _argmax(logits, labels):
+def _argmax_and_last_nll(logits, labels):
+    """Per batch, keep the argmax predictions [B, T] and the loss on the last position [B] (not the full logits)."""
     logits = logits[0] if isinstance(logits, tuple) else logits  # the output's other fields (gate stats) follow
-    return logits.argmax(-1)
+    last = torch.nn.functional.cross_entropy(logits[:, -2].float(), labels[:, -1], reduction="none")  # [B]
+    return logits.argmax(-1), last
 
 
-def _accuracy(eval_pred):
-    predictions, labels = eval_pred.predictions[:, :-1], eval_pred.label_ids[:, 1:]  # token t predicts t+1
-    return {"accuracy": float((predictions == labels).mean())}
+def _metrics(eval_pred):
+    predictions, last_nll = eval_pred.predictions
+    predictions, labels = predictions[:, :-1], eval_pred.label_ids[:, 1:]  # token t predicts t+1
+    return {"accuracy": float((predictions == labels).mean()), "last_loss": float(np.mean(last_nll)),
+            "last_accuracy": float((predictions[:, -1] == labels[:, -1]).mean())}
+
+
+def optima(rlm, num_samples: int, seed: int) -> dict:
+    """The exact optima the recipe compares with: over positions 1..T-1 (what the LM loss covers) and the last one."""
+    optimum, stderr = rlm.optimal_loss(num_samples=num_samples, seed=seed, start=1)
+    last, last_stderr = rlm.optimal_loss(num_samples=num_samples, seed=seed, start=-1)
+    return {"optimal_loss": optimum, "optimal_loss_stderr": stderr,
+            "optimal_last_loss": last, "optimal_last_loss_stderr": last_stderr}
 
 
 def main(argv=None) -> dict:
@@ -78,9 +96,11 @@ def main(argv=None) -> dict:
 
     # ---- the grammar, its optimum, the data ------------------------------------------------------------------------
     rlm = RandomLanguageModel(rlm_args.vocab_size, rlm_args.depth, rlm_args.beta, seed=rlm_args.grammar_seed)
-    optimum, stderr = rlm.optimal_loss(num_samples=rlm_args.optimal_samples, seed=10_000 + args.seed)
-    logger.info("grammar V=%d depth=%d beta=%.2f: optimal loss %.4f ± %.4f nats/token (uniform: %.4f)",
-                rlm.vocab_size, rlm_args.depth, rlm_args.beta, optimum, stderr, np.log(rlm.vocab_size))
+    best = optima(rlm, rlm_args.optimal_samples, seed=10_000 + args.seed)
+    logger.info("grammar V=%d depth=%d beta=%.2f: optimal loss %.4f ± %.4f nats/token over positions 1..%d, "
+                "%.4f ± %.4f at the last position (uniform: %.4f)", rlm.vocab_size, rlm_args.depth, rlm_args.beta,
+                best["optimal_loss"], best["optimal_loss_stderr"], rlm.seq_len - 1, best["optimal_last_loss"],
+                best["optimal_last_loss_stderr"], np.log(rlm.vocab_size))
     label = lambda d: d.map(lambda b: {"labels": b["input_ids"]}, batched=True)  # noqa: E731
     evaluation = {"train": label(rlm.dataset(rlm_args.eval_sequences, seed=args.seed)),  # = the stream's first draws
                   "test": label(rlm.dataset(rlm_args.eval_sequences, seed=20_000 + args.seed))}
@@ -102,7 +122,7 @@ def main(argv=None) -> dict:
     args.eval_strategy = "no"  # evaluation happens at the log-spaced steps below
     trainer = RatTrainer(
         model=model, args=args, train_dataset=stream, eval_dataset=evaluation, data_collator=default_data_collator,
-        optimizers=(optimizer, None), compute_metrics=_accuracy, preprocess_logits_for_metrics=_argmax,
+        optimizers=(optimizer, None), compute_metrics=_metrics, preprocess_logits_for_metrics=_argmax_and_last_nll,
         callbacks=[LogSpacedSteps(args.max_steps, margs.num_checkpoints)],
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -110,20 +130,28 @@ def main(argv=None) -> dict:
     trainer.save_model(args.output_dir)
 
     # ---- dynamics, plot, gap ------------------------------------------------------------------------------------------------
-    dynamics = _dynamics(trainer.state.log_history, optimum, stderr, vars(rlm_args))
-    gap = final["eval_test_loss"] - optimum
+    dynamics = _dynamics(trainer.state.log_history, best, vars(rlm_args))
+    gap = final["eval_test_loss"] - best["optimal_loss"]
+    last_gap = final["eval_test_last_loss"] - best["optimal_last_loss"]
     dynamics["final"] = {"test_loss": final["eval_test_loss"], "test_accuracy": final["eval_test_accuracy"],
-                         "optimal_loss": optimum, "gap_to_optimum": gap}
+                         "optimal_loss": best["optimal_loss"], "gap_to_optimum": gap,
+                         "test_last_loss": final["eval_test_last_loss"],
+                         "test_last_accuracy": final["eval_test_last_accuracy"],
+                         "optimal_last_loss": best["optimal_last_loss"], "last_gap_to_optimum": last_gap}
     if trainer.is_world_process_zero():
         with open(os.path.join(args.output_dir, "dynamics.json"), "w") as f:
             json.dump(dynamics, f, indent=1)
         _plot(dynamics, os.path.join(args.output_dir, "dynamics.png"))
-        print(f"final test loss {final['eval_test_loss']:.4f} nats/token; optimum {optimum:.4f} ± {stderr:.4f}; "
-              f"gap {gap:+.4f}; test accuracy {final['eval_test_accuracy']:.3f}")
+        print(f"final test loss {final['eval_test_loss']:.4f} nats/token (positions 1..{rlm.seq_len - 1}); optimum "
+              f"{best['optimal_loss']:.4f} ± {best['optimal_loss_stderr']:.4f}; gap {gap:+.4f}; "
+              f"test accuracy {final['eval_test_accuracy']:.3f}")
+        print(f"last position: test loss {final['eval_test_last_loss']:.4f}; optimum {best['optimal_last_loss']:.4f} "
+              f"± {best['optimal_last_loss_stderr']:.4f}; gap {last_gap:+.4f}; "
+              f"test accuracy {final['eval_test_last_accuracy']:.3f}")
     return dynamics
 
 
-def _dynamics(history, optimum, stderr, grammar) -> dict:
+def _dynamics(history, best, grammar) -> dict:
     train = [(e["step"], e["loss"]) for e in history if "loss" in e]
     evals: dict[int, dict] = {}  # Trainer logs each eval set in its own entry: merge them by step
     for e in history:
@@ -131,10 +159,11 @@ def _dynamics(history, optimum, stderr, grammar) -> dict:
             evals.setdefault(e["step"], {}).update(e)
     steps = sorted(s for s, e in evals.items() if "eval_test_loss" in e and "eval_train_loss" in e)
     return {
-        "grammar": grammar, "optimal_loss": optimum, "optimal_loss_stderr": stderr,
+        "grammar": grammar, **best,
         "train_steps": [s for s, _ in train], "train_loss": [v for _, v in train], "eval_steps": steps,
         **{f"{name}_{what}": [evals[s][f"eval_{split}_{what}"] for s in steps]
            for name, split in (("train_probe", "train"), ("test", "test")) for what in ("loss", "accuracy")},
+        "test_last_loss": [evals[s]["eval_test_last_loss"] for s in steps],
     }
 
 
@@ -148,9 +177,12 @@ def _plot(d: dict, path: str) -> None:
     ax_loss.plot(d["train_steps"], d["train_loss"], color="C0", alpha=0.4, label="train (fresh batches)")
     ax_loss.plot(d["eval_steps"], d["train_probe_loss"], "o-", color="C1", label="train probe")
     ax_loss.plot(d["eval_steps"], d["test_loss"], "s-", color="C2", label="test")
-    ax_loss.axhline(d["optimal_loss"], color="k", ls="--", label=f"Bayes-optimal {d['optimal_loss']:.3f}")
+    ax_loss.axhline(d["optimal_loss"], color="k", ls="--", label=f"Bayes-optimal {d['optimal_loss']:.3f} (positions 1..T-1)")
+    ax_loss.plot(d["eval_steps"], d["test_last_loss"], "^-", color="C3", alpha=0.6, label="test, last position")
+    ax_loss.axhline(d["optimal_last_loss"], color="C3", ls=":",
+                    label=f"optimal at the last position {d['optimal_last_loss']:.3f}")
     ax_loss.set(xscale="log", xlabel="step", ylabel="next-token loss (nats)", title="loss vs the exact optimum")
-    ax_loss.legend()
+    ax_loss.legend(fontsize="small")
     ax_acc.plot(d["eval_steps"], d["train_probe_accuracy"], "o-", color="C1", label="train probe")
     ax_acc.plot(d["eval_steps"], d["test_accuracy"], "s-", color="C2", label="test")
     ax_acc.set(xscale="log", xlabel="step", ylabel="next-token accuracy", title="accuracy")
