@@ -3,9 +3,29 @@
 One flat config builds the three parts of an RxT: the decoder that answers a query from the short-term memory (STM),
 the encoder that reads the finished interaction, and the memory-attention network that folds it into the STM. The
 defaults build a ~19M-parameter model (printed by `RxTForCausalLM(RxTConfig()).num_parameters()`: 19,418,898).
+
+Derived defaults follow the fields they derive from (`RxTConfig(num_attention_heads=4)` alone works): `head_dim`,
+`num_query_heads`, `num_key_value_heads` from the head count, the widths from `hidden_size` / `intermediate_size`,
+the depths from `num_hidden_layers`. The special-token ids must be the tokenizer's: build them with
+`RxTConfig.from_tokenizer(tokenizer, ...)`.
+
+The config refuses silent mistakes, naming the field: wrong types (`hidden_size="64"`), sizes that do not fit together,
+non-positive or NaN numbers, and unknown keys (a typo such as `num_hiden_layers`: ValueError with the close match; in
+a saved config, recognised by its `transformers_version` key, a warning instead, so a checkpoint carrying extra
+attributes still loads). This file ships to the Hub as remote code: it imports only the standard library and
+transformers.
 """
 
+import dataclasses
+import difflib
+import inspect
+import math
+
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Attention variants: how many query and key/value heads a component uses, given `num_attention_heads` (H, which sets
 # `head_dim`), `num_query_heads` (Hq, SQA only) and `num_key_value_heads` (Hkv, GQA and SQA).
@@ -14,6 +34,58 @@ MEMORY_ATTENTION_TYPES = ("simple", "self", "interlayer", "gated_self_interlayer
 MEMORY_GATE_TYPES = ("static", "dynamic")
 # The components that choose a variant, as `<component>_attention_variant` fields.
 ATTENTION_COMPONENTS = ("self", "cross", "encoder", "memory")
+# The reactive tokens' text (as in `rat_hf.tokenization.special_tokens`, which this remote-code file cannot import).
+QUERY_TOKEN, ANSWER_TOKEN = "[Q]", "[A]"
+
+# Keys that `PreTrainedConfig` itself takes (or silently drops) besides its dataclass fields, and what `to_dict()` writes.
+_BASE_KEYS = {
+    "torch_dtype", "dtype", "num_labels", "id2label", "label2id", "problem_type", "name_or_path", "_name_or_path",
+    "_commit_hash", "output_attentions", "attn_implementation", "experts_implementation",
+    "_attn_implementation_internal", "_experts_implementation_internal", "per_layer_config", "auto_map", "model_type",
+    "transformers_version", "architectures", "rope_scaling", "rope_theta", "tie_last_hidden_states",
+    "base_model_tp_plan", "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _known_base_keys(config_class) -> set:
+    keys = set(_BASE_KEYS) | {f.name for f in dataclasses.fields(config_class)}
+    try:  # generation parameters in old configs: `PreTrainedConfig` drops them
+        from transformers import GenerationConfig
+
+        keys |= set(GenerationConfig._get_default_generation_params())
+    except (ImportError, AttributeError):
+        pass
+    return keys
+
+
+def _check_unknown_keys(config_class, kwargs: dict, known: set) -> None:
+    """ValueError for a key no field takes (with the close match); only a warning when loading a saved config."""
+    unknown = sorted(set(kwargs) - known - _known_base_keys(config_class))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    message = f"{config_class.__name__}: unknown key{'s' if len(hints) > 1 else ''} {', '.join(hints)}"
+    if "transformers_version" in kwargs:  # written by `to_dict()`: a saved config may carry extra attributes
+        logger.warning(f"{message}; kept as attribute{'s' if len(hints) > 1 else ''}, but no {config_class.model_type} "
+                       "code reads it")
+        return
+    raise ValueError(f"{message}; see the {config_class.__name__} docstring for the accepted fields")
+
+
+def _default_key_value_heads(heads: int, query_heads: int) -> int:
+    """The largest count <= H/4 that divides both H and the SQA query heads (H=8 -> 2, 12 -> 3, 4 -> 1)."""
+    return max(k for k in range(1, max(heads // 4, 1) + 1) if heads % k == 0 and query_heads % k == 0)
 
 
 class RxTConfig(PreTrainedConfig):
@@ -27,13 +99,14 @@ class RxTConfig(PreTrainedConfig):
     Args:
         vocab_size: size of the token vocabulary (encoder and decoder share the embedding).
         hidden_size: width of the decoder, the encoder and the STM slots.
-        intermediate_size: decoder SwiGLU width (dense decoder).
+        intermediate_size: decoder SwiGLU width (dense decoder); defaults to `3 * hidden_size`.
         num_hidden_layers: decoder layers; also the number of STM layers and of memory-attention layers.
         num_encoder_layers: encoder layers; defaults to `num_hidden_layers`.
         encoder_intermediate_size: encoder SwiGLU width; defaults to `intermediate_size`.
         num_attention_heads: H, the full head count; `head_dim` defaults to `hidden_size // H`.
-        num_key_value_heads: key/value heads of the `gqa` and `sqa` variants.
-        num_query_heads: query heads of the `sqa` variant (must be < H: that is what saves the FLOPs).
+        num_key_value_heads: key/value heads of the `gqa` and `sqa` variants; defaults to the largest count <= H/4
+            that divides H and `num_query_heads` (2 for the default H=8).
+        num_query_heads: query heads of the `sqa` variant (must be < H: that is what saves the FLOPs); defaults to H/2.
         head_dim: per-head width.
         self_attention_variant, cross_attention_variant, encoder_attention_variant, memory_attention_variant: one of
             `mha` (H query, H kv heads), `gqa` (H, num_key_value_heads), `mqa` (H, 1), `sqa` (num_query_heads,
@@ -53,7 +126,9 @@ class RxTConfig(PreTrainedConfig):
         router_aux_loss_coef: weight of the load-balancing loss added to the LM loss when labels are given.
         max_position_embeddings: longest single interaction the RoPE tables are meant for (memory carries the rest).
         rope_parameters: transformers RoPE dict (`{"rope_type": "default", "rope_theta": 10000.0}` by default).
-        query_token_id, answer_token_id: ids of the `[Q]` and `[A]` tokens that open a query and an answer.
+        query_token_id, answer_token_id: ids of the `[Q]` and `[A]` tokens that open a query and an answer. The
+            defaults (pad/bos/eos/[Q]/[A] = 0..4) are those of `rat_hf.tokenization.train_bpe_tokenizer`; for any other
+            tokenizer use `RxTConfig.from_tokenizer(tokenizer, ...)`.
         hidden_act, hidden_dropout, attention_dropout, rms_norm_eps, initializer_range, attention_bias, mlp_bias,
         tie_word_embeddings, pad/bos/eos_token_id: as in Llama.
     """
@@ -78,13 +153,13 @@ class RxTConfig(PreTrainedConfig):
         self,
         vocab_size: int = 32000,
         hidden_size: int = 256,
-        intermediate_size: int = 768,
+        intermediate_size: int | None = None,
         num_hidden_layers: int = 6,
         num_encoder_layers: int | None = None,
         encoder_intermediate_size: int | None = None,
         num_attention_heads: int = 8,
-        num_key_value_heads: int = 2,
-        num_query_heads: int = 4,
+        num_key_value_heads: int | None = None,
+        num_query_heads: int | None = None,
         head_dim: int | None = None,
         self_attention_variant: str = "gqa",
         cross_attention_variant: str = "gqa",
@@ -118,6 +193,30 @@ class RxTConfig(PreTrainedConfig):
         layer_types: list[str] | None = None,
         **kwargs,
     ):
+        _check_unknown_keys(type(self), kwargs, _OWN_KEYS)
+        # the fields other defaults derive from are checked first, so a wrong type is named, not a TypeError below
+        for field, value in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),
+                             ("num_attention_heads", num_attention_heads)):
+            if not (_is_int(value) and value > 0):
+                raise ValueError(f"RxTConfig.{field}={value!r} is invalid: must be a positive int")
+        if intermediate_size is None:
+            intermediate_size = 3 * hidden_size
+        if num_query_heads is None:
+            num_query_heads = max(num_attention_heads // 2, 1)
+        if num_key_value_heads is None and _is_int(num_query_heads) and num_query_heads > 0:
+            num_key_value_heads = _default_key_value_heads(num_attention_heads, num_query_heads)
+        given_rope = bool(rope_parameters)
+        if given_rope and not isinstance(rope_parameters, dict):
+            raise ValueError(f"RxTConfig.rope_parameters={rope_parameters!r} is invalid: must be a dict with a "
+                             "'rope_type' key")
+        rope_parameters = dict(rope_parameters) if given_rope else {"rope_type": "default", "rope_theta": 10000.0}
+        if "rope_theta" in kwargs and "rope_scaling" not in kwargs:  # the pre-5.0 top-level key, which
+            rope_theta = kwargs.pop("rope_theta")                     # `PreTrainedConfig` would drop here silently
+            if given_rope and rope_parameters.get("rope_theta", rope_theta) != rope_theta:
+                raise ValueError(f"RxTConfig.rope_theta={rope_theta!r} is invalid: rope_parameters says "
+                                 f"{rope_parameters['rope_theta']!r}; give it once")
+            rope_parameters["rope_theta"] = rope_theta
+
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -129,7 +228,7 @@ class RxTConfig(PreTrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads
         self.num_query_heads = num_query_heads
-        self.head_dim = head_dim if head_dim is not None else hidden_size // max(num_attention_heads, 1)
+        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
         self.self_attention_variant = self_attention_variant
         self.cross_attention_variant = cross_attention_variant
         self.encoder_attention_variant = encoder_attention_variant
@@ -144,7 +243,7 @@ class RxTConfig(PreTrainedConfig):
         self.norm_topk_prob = norm_topk_prob
         self.router_aux_loss_coef = router_aux_loss_coef
         self.max_position_embeddings = max_position_embeddings
-        self.rope_parameters = dict(rope_parameters) if rope_parameters else {"rope_type": "default", "rope_theta": 10000.0}
+        self.rope_parameters = rope_parameters
         self.hidden_act = hidden_act
         self.hidden_dropout = hidden_dropout
         self.attention_dropout = attention_dropout
@@ -156,12 +255,44 @@ class RxTConfig(PreTrainedConfig):
         self.query_token_id = query_token_id
         self.answer_token_id = answer_token_id
         # Only the decoder's self-attention is cached; the memory cross-attention keys/values are computed once per turn.
-        self.layer_types = list(layer_types) if layer_types is not None else ["full_attention"] * num_hidden_layers
-        self._validate()
+        self.layer_types = list(layer_types) if isinstance(layer_types, (list, tuple)) else (
+            ["full_attention"] * num_hidden_layers if layer_types is None else layer_types)
+        self._validate(head_dim_given=head_dim is not None, tie_word_embeddings=tie_word_embeddings,
+                       pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
         super().__init__(
             pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
             tie_word_embeddings=tie_word_embeddings, **kwargs,
         )
+        self._validate_rope()
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, **kwargs) -> "RxTConfig":
+        """A config whose `vocab_size` and pad/bos/eos/`[Q]`/`[A]` ids are the tokenizer's; `kwargs` set the rest.
+
+        The tokenizer needs `[Q]`, `[A]` and an EOS token: `rat_hf.tokenization.add_reactive_special_tokens(tokenizer)`
+        adds what is missing (or use `rat_hf.tokenization.reactive_config(tokenizer, ...)`, which does both).
+        `vocab_size` defaults to `len(tokenizer)`; a larger one (e.g. rounded up for speed) is accepted.
+        """
+        ids = {}
+        for field, token in (("query_token_id", QUERY_TOKEN), ("answer_token_id", ANSWER_TOKEN)):
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
+                raise ValueError(f"RxTConfig.from_tokenizer: the tokenizer has no {token!r} token; add it with "
+                                 "rat_hf.tokenization.add_reactive_special_tokens(tokenizer)")
+            ids[field] = token_id
+        if tokenizer.eos_token_id is None:
+            raise ValueError("RxTConfig.from_tokenizer: the tokenizer has no EOS token, which ends every answer; add "
+                             "one (rat_hf.tokenization.add_reactive_special_tokens(tokenizer) does)")
+        ids.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, vocab_size=len(tokenizer))
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id", "query_token_id", "answer_token_id"):
+            if field in kwargs and kwargs[field] != ids[field]:
+                raise ValueError(f"RxTConfig.from_tokenizer: {field}={kwargs[field]!r} differs from the tokenizer's "
+                                 f"{ids[field]!r}; leave it out")
+        if "vocab_size" in kwargs and _is_int(kwargs["vocab_size"]) and kwargs["vocab_size"] < len(tokenizer):
+            raise ValueError(f"RxTConfig.from_tokenizer: vocab_size={kwargs['vocab_size']} is smaller than the "
+                             f"tokenizer's {len(tokenizer)} tokens")
+        return cls(**{**ids, **kwargs})
 
     def attention_heads(self, variant: str) -> tuple[int, int]:
         """`(query heads, key/value heads)` of an attention variant under this config."""
@@ -179,18 +310,30 @@ class RxTConfig(PreTrainedConfig):
         """The encoder layer whose output memory-attention layer `layer_idx` reads: evenly spaced, ending at the last."""
         return max((layer_idx + 1) * self.num_encoder_layers // self.num_hidden_layers - 1, 0)
 
-    def _validate(self) -> None:
+    def _validate(self, **init_only) -> None:
+        """Check every field (and `init_only`: arguments `PreTrainedConfig` stores); ValueError naming the field."""
         def need(ok: bool, field: str, constraint: str) -> None:
             if not ok:
-                raise ValueError(f"RxTConfig.{field}={getattr(self, field)!r} is invalid: {constraint}")
+                value = init_only[field] if field in init_only else getattr(self, field)
+                raise ValueError(f"RxTConfig.{field}={value!r} is invalid: {constraint}")
 
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_encoder_layers",
                       "encoder_intermediate_size", "num_attention_heads", "num_key_value_heads", "num_query_heads",
                       "head_dim", "stm_size", "num_experts_per_tok", "moe_intermediate_size",
                       "max_position_embeddings"):
             value = getattr(self, field)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, "must be a positive int")
-        need(isinstance(self.num_experts, int) and self.num_experts >= 0, "num_experts", "must be an int >= 0 (0 = dense)")
+            need(_is_int(value) and value > 0, field, "must be a positive int")
+        for field in ("norm_topk_prob", "attention_bias", "mlp_bias", "use_cache"):
+            need(isinstance(getattr(self, field), bool), field, "must be True or False")
+        need(isinstance(init_only["tie_word_embeddings"], bool), "tie_word_embeddings", "must be True or False")
+        for field in ("pad_token_id", "bos_token_id"):
+            need(init_only[field] is None or _is_int(init_only[field]), field, "must be an int token id or None")
+        eos = init_only["eos_token_id"]
+        need(eos is None or _is_int(eos) or (isinstance(eos, (list, tuple)) and all(_is_int(e) for e in eos)),
+             "eos_token_id", "must be an int token id, a list of them, or None")
+        need(init_only["head_dim_given"] or self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+             f"must be divisible by num_attention_heads ({self.num_attention_heads}) when head_dim is not given")
+        need(_is_int(self.num_experts) and self.num_experts >= 0, "num_experts", "must be an int >= 0 (0 = dense)")
         need(self.num_experts == 0 or self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
              f"must be <= num_experts ({self.num_experts})")
         need(self.head_dim % 2 == 0, "head_dim", "must be even for rotary embeddings")
@@ -214,12 +357,21 @@ class RxTConfig(PreTrainedConfig):
         need(self.memory_attention_type in MEMORY_ATTENTION_TYPES, "memory_attention_type",
              f"must be one of {list(MEMORY_ATTENTION_TYPES)}")
         need(self.memory_gate_type in MEMORY_GATE_TYPES, "memory_gate_type", f"must be one of {list(MEMORY_GATE_TYPES)}")
+        need(_is_number(self.memory_gate_init), "memory_gate_init",
+             "must be a finite number (a gate logit: 0.0 gives G = 0.5)")
+        need(isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN, "hidden_act",
+             "must name a transformers activation (e.g. 'silu', 'gelu')")
         for field in ("hidden_dropout", "attention_dropout"):
-            need(0.0 <= getattr(self, field) < 1.0, field, "must be in [0, 1)")
-        need(self.router_aux_loss_coef >= 0.0, "router_aux_loss_coef", "must be >= 0")
+            value = getattr(self, field)
+            need(_is_number(value) and 0.0 <= value < 1.0, field, "must be a number in [0, 1)")
+        need(_is_number(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0.0, "router_aux_loss_coef",
+             "must be a finite number >= 0")
+        for field in ("rms_norm_eps", "initializer_range"):
+            value = getattr(self, field)
+            need(_is_number(value) and value > 0.0, field, "must be a finite number > 0")
         for field in ("query_token_id", "answer_token_id"):
             value = getattr(self, field)
-            need(isinstance(value, int) and 0 <= value < self.vocab_size, field,
+            need(_is_int(value) and 0 <= value < self.vocab_size, field,
                  f"must be a token id in [0, vocab_size={self.vocab_size})")
         need(self.query_token_id != self.answer_token_id, "answer_token_id", "must differ from query_token_id")
         need(self.layer_types == ["full_attention"] * self.num_hidden_layers, "layer_types",
@@ -228,5 +380,15 @@ class RxTConfig(PreTrainedConfig):
         need(isinstance(self.rope_parameters, dict) and "rope_type" in self.rope_parameters, "rope_parameters",
              "must be a dict with a 'rope_type' key")
 
+    def _validate_rope(self) -> None:
+        theta = self.rope_parameters.get("rope_theta") if isinstance(self.rope_parameters, dict) else None
+        if not (_is_number(theta) and theta > 0):
+            raise ValueError(f"RxTConfig.rope_theta={theta!r} is invalid: must be a finite number > 0 "
+                             "(in rope_parameters['rope_theta'])")
+
+
+# What `RxTConfig(...)` takes by name.
+_OWN_KEYS = {name for name, p in inspect.signature(RxTConfig.__init__).parameters.items()
+             if p.kind is p.POSITIONAL_OR_KEYWORD and name != "self"}
 
 __all__ = ["RxTConfig"]
