@@ -177,7 +177,8 @@ def _plot(d: dict, path: str) -> None:
     ax_loss.plot(d["train_steps"], d["train_loss"], color="C0", alpha=0.4, label="train (fresh batches)")
     ax_loss.plot(d["eval_steps"], d["train_probe_loss"], "o-", color="C1", label="train probe")
     ax_loss.plot(d["eval_steps"], d["test_loss"], "s-", color="C2", label="test")
-    ax_loss.axhline(d["optimal_loss"], color="k", ls="--", label=f"Bayes-optimal {d['optimal_loss']:.3f} (positions 1..T-1)")
+    ax_loss.axhline(d["optimal_loss"], color="k", ls="--",
+                    label=f"Bayes-optimal {d['optimal_loss']:.3f} (positions 1..T-1)")
     ax_loss.plot(d["eval_steps"], d["test_last_loss"], "^-", color="C3", alpha=0.6, label="test, last position")
     ax_loss.axhline(d["optimal_last_loss"], color="C3", ls=":",
                     label=f"optimal at the last position {d['optimal_last_loss']:.3f}")
