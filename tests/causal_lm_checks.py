@@ -4,7 +4,9 @@ A test module subclasses `CausalLMChecks`, sets `model_class`, and provides a `c
 table. Models that need extra forward inputs (the Reactive Transformer's memory) override `extra_inputs`.
 
 (a) changing future tokens never changes past logits (with and without a padding mask);
-(b) cached step-by-step decoding equals a full forward pass, and `generate` with cache equals without;
+(b) cached decoding equals a full forward *on logits at every step*, under both cache argument names, for greedy,
+    left-padded, seeded sampling, beams, the static cache, assisted decoding and prompt lookup;
+(b') padding-free packed rows (positions restarting at 0) equal separate runs;
 (c) left-padded batch rows equal unpadded single-row runs (forward and greedy generate);
 (d) save -> `from_pretrained` is bit-exact, also through remote code in a process where rat_hf cannot be imported.
 """
@@ -20,6 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 ATOL = 2e-5
+LOGIT_ATOL = 1e-4  # cached vs full-forward logits, fp32
+SEEDS = [0, 1, 2]
 
 
 class CausalLMChecks:
@@ -62,36 +66,130 @@ class CausalLMChecks:
         torch.testing.assert_close(a[0, 4:], b[0, 4:], atol=ATOL, rtol=0)
         torch.testing.assert_close(a[1], b[1], atol=ATOL, rtol=0)
 
-    # --- (b) caching --------------------------------------------------------------------------------------------------
-    def test_cached_step_by_step_equals_full_forward(self, model):
-        ids = self.ids(model, 2, 12)
+    # --- (b) caching: compared on logits at every step -------------------------------------------------------------
+    # Greedy tokens of a random tiny model barely depend on context: they matched while transformers 5.24's `cache=`
+    # was silently ignored. Every check here compares logits (fp32, LOGIT_ATOL) over several seeds and prompts.
+    def seeded_model(self, config, seed: int):
+        torch.manual_seed(seed)
+        return self.model_class(config.__class__.from_dict(config.to_dict())).eval()
+
+    @pytest.mark.parametrize("seed", SEEDS)
+    @pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
+    def test_cached_step_by_step_equals_full_forward(self, config, seed, cache_name):
+        """Prefill 5 tokens, then one token at a time; the cache passed under either name transformers has used."""
+        model = self.seeded_model(config, seed)
+        ids = self.ids(model, 2, 12, seed=seed)
         full = self.logits(model, ids)
-        cache = DynamicCache(config=model.config)
         extra = self.extra_inputs(model, 2)
-        steps = []
+        cache, steps = DynamicCache(config=model.config), []
         with torch.no_grad():
-            out = model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True, **extra)
+            out = model(input_ids=ids[:, :5], use_cache=True, **{cache_name: cache}, **extra)
             steps.append(out.logits)
             for t in range(5, 12):
-                out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True, **extra)
+                out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{cache_name: cache}, **extra)
                 steps.append(out.logits)
-        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+        assert cache.get_seq_length() == 12
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=LOGIT_ATOL, rtol=0)
 
-    @pytest.mark.parametrize("num_beams", [1, 3])
-    def test_generate_with_cache_equals_without(self, model, num_beams):
-        ids = self.ids(model, 2, 6)
-        kw = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0, **self.extra_inputs(model, 2))
-        with_cache = model.generate(ids, use_cache=True, **kw)
-        without = model.generate(ids, use_cache=False, **kw)
-        assert torch.equal(with_cache, without)
-        assert with_cache.shape == (2, 12)
+    def test_forward_returns_the_cache_it_filled(self, model):
+        with torch.no_grad():
+            out = model(input_ids=self.ids(model, 1, 4), use_cache=True, **self.extra_inputs(model, 1))
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # the field's name depends on the version
+        assert cache is not None and cache.get_seq_length() == 4
 
-    def test_static_cache_generate_equals_dynamic(self, model):
-        ids = self.ids(model, 2, 6)
+    def generate_logits(self, model, ids, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequences, per-step logits `[B, steps, V]`) of `generate`."""
+        out = model.generate(
+            ids, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            **self.extra_inputs(model, ids.shape[0]), **kw,
+        )
+        return out.sequences, torch.stack(out.logits, dim=1)
+
+    def assert_logits_match_full_forward(self, model, sequences, step_logits, prompt_len, attention_mask=None):
+        """Step t's logits equal a full forward over the final sequence at position prompt_len + t - 1."""
+        if attention_mask is not None:
+            new = sequences.shape[1] - attention_mask.shape[1]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], new)], dim=1)
+        kw = {"attention_mask": attention_mask} if attention_mask is not None else {}
+        full = self.logits(model, sequences, **kw)[:, prompt_len - 1 : -1]
+        torch.testing.assert_close(step_logits, full, atol=LOGIT_ATOL, rtol=0)
+
+    @pytest.mark.parametrize("seed", SEEDS)
+    def test_greedy_generate_logits_equal_full_forward(self, config, seed):
+        model = self.seeded_model(config, seed)
+        ids = self.ids(model, 2, 6, seed=seed)
+        sequences, logits = self.generate_logits(model, ids, max_new_tokens=8, do_sample=False)
+        assert sequences.shape == (2, 14)
+        self.assert_logits_match_full_forward(model, sequences, logits, 6)
+
+    @pytest.mark.parametrize("seed", SEEDS)
+    def test_left_padded_generate_logits_equal_full_forward(self, config, seed):
+        model = self.seeded_model(config, seed)
+        ids = self.ids(model, 2, 8, seed=seed)
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        sequences, logits = self.generate_logits(model, ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        # the padded row's logits are those of its unpadded tokens alone
+        self.assert_logits_match_full_forward(model, sequences[:1], logits[:1], 8)
+        alone = sequences[1:, 3:]
+        self.assert_logits_match_full_forward(model, alone, logits[1:], 5)
+
+    @pytest.mark.parametrize("seed", SEEDS)
+    def test_seeded_sampling_logits_equal_full_forward(self, config, seed):
+        model = self.seeded_model(config, seed)
+        ids = self.ids(model, 1, 5, seed=seed)
+        torch.manual_seed(seed)
+        sequences, logits = self.generate_logits(
+            model, ids, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=8,
+            num_return_sequences=3,
+        )
+        assert sequences.shape == (3, 13)
+        self.assert_logits_match_full_forward(model, sequences, logits, 5)
+        torch.manual_seed(seed)  # the same seed without a cache draws the same tokens
+        again, _ = self.generate_logits(
+            model, ids, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=8,
+            num_return_sequences=3, use_cache=False,
+        )
+        assert torch.equal(sequences, again)
+
+    @pytest.mark.parametrize("seed", SEEDS)
+    def test_beam_search_with_cache_equals_without(self, config, seed):
+        """Beams reorder the cache every step: per-step logits and final scores equal a cache-free beam search."""
+        model = self.seeded_model(config, seed)
+        ids = self.ids(model, 2, 6, seed=seed)
+        kw = dict(max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=2, output_logits=True,
+                  output_scores=True, return_dict_in_generate=True, pad_token_id=0, **self.extra_inputs(model, 2))
+        cached, plain = model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw)
+        assert torch.equal(cached.sequences, plain.sequences)
+        torch.testing.assert_close(torch.stack(cached.logits), torch.stack(plain.logits), atol=LOGIT_ATOL, rtol=0)
+        torch.testing.assert_close(cached.sequences_scores, plain.sequences_scores, atol=LOGIT_ATOL, rtol=0)
+
+    @pytest.mark.parametrize("seed", SEEDS)
+    def test_static_cache_generate_logits_equal_full_forward(self, config, seed):
+        model = self.seeded_model(config, seed)
+        ids = self.ids(model, 2, 6, seed=seed)
         mask = torch.ones_like(ids)
         mask[1, :2] = 0
-        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=mask, **self.extra_inputs(model, 2))
-        assert torch.equal(model.generate(ids, **kw), model.generate(ids, cache_implementation="static", **kw))
+        kw = dict(max_new_tokens=6, do_sample=False, attention_mask=mask)
+        dynamic, dynamic_logits = self.generate_logits(model, ids, **kw)
+        static, static_logits = self.generate_logits(model, ids, cache_implementation="static", **kw)
+        assert torch.equal(dynamic, static)
+        torch.testing.assert_close(static_logits, dynamic_logits, atol=LOGIT_ATOL, rtol=0)
+        self.assert_logits_match_full_forward(model, static[:1], static_logits[:1], 6)
+
+    @pytest.mark.parametrize("seed", SEEDS)
+    @pytest.mark.parametrize("mode", ["assisted", "prompt_lookup"])
+    def test_assisted_and_prompt_lookup_equal_greedy(self, config, seed, mode):
+        """Candidate tokens are verified in one forward and the cache is cropped back: the result equals greedy."""
+        model = self.seeded_model(config, seed)
+        prompt = self.ids(model, 1, 6, seed=seed)
+        ids = torch.cat([prompt, prompt], dim=1)  # repeats give prompt lookup candidates to verify
+        extra = dict(assistant_model=self.seeded_model(config, seed + 100)) if mode == "assisted" else dict(
+            prompt_lookup_num_tokens=3)
+        greedy, greedy_logits = self.generate_logits(model, ids, max_new_tokens=10, do_sample=False)
+        fast, fast_logits = self.generate_logits(model, ids, max_new_tokens=10, do_sample=False, **extra)
+        assert torch.equal(fast, greedy)
+        torch.testing.assert_close(fast_logits, greedy_logits, atol=LOGIT_ATOL, rtol=0)
 
     def test_sampling_generate(self, model):
         ids = self.ids(model, 1, 4)
@@ -102,6 +200,19 @@ class CausalLMChecks:
         )
         assert out.shape == (3, 9)
         assert torch.equal(out[:, :4], ids.expand(3, -1))
+
+    # --- padding-free packing --------------------------------------------------------------------------------------
+    def test_packed_documents_equal_separate_runs(self, model):
+        """TRL's padding-free rows: documents back to back, positions restarting at 0, no attention mask."""
+        docs = [self.ids(model, 1, n, seed=10 + n)[0] for n in (7, 3, 9)]
+        packed = torch.cat(docs)[None]
+        position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+        logits = self.logits(model, packed, position_ids=position_ids)[0]
+        start = 0
+        for doc in docs:
+            alone = self.logits(model, doc[None])[0]
+            torch.testing.assert_close(logits[start : start + len(doc)], alone, atol=ATOL, rtol=0)
+            start += len(doc)
 
     # --- (c) padding ---------------------------------------------------------------------------------------------------
     def left_padded_batch(self, model):

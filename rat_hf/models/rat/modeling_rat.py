@@ -16,6 +16,7 @@ every decoding strategy. This file imports only torch, transformers and its conf
 remote code.
 """
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,20 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rat import RatConfig
+
+
+# transformers 5.24 renamed the cache argument `past_key_values` -> `cache` (generate() passes `cache=`, the mask
+# helpers take `cache`, outputs carry `.cache`); 5.17-5.23 use `past_key_values`. Each model accepts both names and
+# talks to transformers in the installed one, so one checkpoint's remote code runs on every version we claim.
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache under either name (`cache` from transformers >= 5.24, `past_key_values` before); both is an error."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 # Copied from transformers.models.llama.modeling_llama.LlamaRMSNorm with Llama->Rat
@@ -168,7 +183,8 @@ class RatPolicyGate(nn.Module):
             self.selector_in = nn.Linear(hidden, p)
             self.selector_out = nn.Linear(p, self.n_policies)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, RatGateOutput]:
+    def forward(self, hidden_states: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor, RatGateOutput]:
+        """Gates `[B, T, H]`; `sample=True` (reinforce training) draws one policy per token instead of the expectation."""
         batch, seq_len, _ = hidden_states.shape
         h = F.gelu(self.policy_in(hidden_states))  # [B, T, P*p]
         # the P second layers as one block-diagonal matmul [P*p, P*H]: one well-shaped GEMM instead of a batched
@@ -181,10 +197,10 @@ class RatPolicyGate(nn.Module):
 
         # In reinforce mode the selector learns from the REINFORCE loss alone, so it reads a detached hidden state:
         # its loss then moves only the selector (in eval the values are the same either way).
-        selector_input = hidden_states.detach() if self.reinforce else hidden_states
+        selector_input = hidden_states.detach() if self.reinforce and sample else hidden_states
         selector_logits = self.selector_out(F.gelu(self.selector_in(selector_input))).float()  # [B, T, P]
         probs = torch.softmax(selector_logits, dim=-1)
-        if self.reinforce and self.training:
+        if self.reinforce and sample:
             choice = torch.multinomial(probs.reshape(-1, self.n_policies), 1).view(batch, seq_len, 1)  # [B, T, 1]
             mixed = gates.gather(2, choice[..., None].expand(-1, -1, -1, self.num_heads)).squeeze(2)  # [B, T, H]
             log_prob = torch.log_softmax(selector_logits, dim=-1).gather(-1, choice).squeeze(-1)  # [B, T]
@@ -216,7 +232,8 @@ class RatAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
+        sample_policies: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, RatGateOutput]:
         input_shape = hidden_states.shape[:-1]
@@ -227,8 +244,8 @@ class RatAttention(nn.Module):
         if position_embeddings is not None:
             cos, sin = position_embeddings
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -237,23 +254,40 @@ class RatAttention(nn.Module):
             self, query_states, key_states, value_states, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
         )  # attn_output: [B, T, H, hd]
-        gates, gate_output = self.gate(hidden_states)  # [B, T, H]
+        gates, gate_output = self.gate(hidden_states, sample=sample_policies)  # [B, T, H]
         attn_output = (attn_output * gates[..., None]).reshape(*input_shape, -1)  # [B, T, H*hd]
         return self.o_proj(attn_output), attn_weights, gate_output
 
 
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def causal_depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tap_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """y[t] = bias + sum_k weight[:, k] * x[t - K + 1 + k], over `x` already holding its K-1 steps of left context.
 
     x: [B, K-1+T, D] -> [B, T, D]. Written as K shifted multiply-adds in time-major layout: no transposes, and
     `torch.compile` fuses it with the norm and GELU around it (cuDNN's depthwise conv1d needs channels-first copies).
+    `tap_mask` `[B or 1, T, K]` (1 = tap k of step t reads the same document) restarts the convolution at every
+    document boundary of a packed row; None reads all taps.
     """
     kernel = weight.shape[-1]
     seq_len = x.shape[1] - kernel + 1
-    y = x[:, kernel - 1 :] * weight[:, -1]  # [B, T, D]
+    y = x[:, kernel - 1 :] * weight[:, -1]  # [B, T, D]; the last tap is the token itself, always in its document
     for k in range(kernel - 1):
-        y = torch.addcmul(y, x[:, k : k + seq_len], weight[:, k])
+        tap = x[:, k : k + seq_len]
+        if tap_mask is not None:
+            tap = tap * tap_mask[..., k : k + 1]
+        y = torch.addcmul(y, tap, weight[:, k])
     return y if bias is None else y + bias
+
+
+def document_tap_mask(position_ids: torch.Tensor, kernel_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, T, K]`: tap k of step t (the input K-1-k steps back) lies in t's document.
+
+    Positions count from 0 within each document (TRL's padding-free batches, `DataCollatorWithFlattening`, left-padded
+    rows), so the input s steps back is in the same document exactly when position >= s.
+    """
+    back = torch.arange(kernel_size - 1, -1, -1, device=position_ids.device)  # [K]: K-1 ... 0 steps back
+    return (position_ids[..., None] >= back).to(dtype)
 
 
 class RatTemporalConv(nn.Module):
@@ -261,8 +295,9 @@ class RatTemporalConv(nn.Module):
 
     The seed's `padding=1` centred the kernel and let each position read the next token. Here the input is padded on
     the left only; padded positions (attention_mask == 0) are zeroed first so a left-padded row sees exactly the zeros
-    an unpadded one sees. With a cache, the last `kernel - 1` inputs are the layer's conv state (kept channels-first,
-    `[B, D, K-1]`, the layout transformers' cache layers use).
+    an unpadded one sees, and packed documents (positions restarting at 0) never read each other. With a cache, the
+    last `kernel - 1` inputs are the layer's conv state (kept channels-first, `[B, D, K-1]`, the layout transformers'
+    cache layers use).
     """
 
     def __init__(self, config: RatConfig, layer_idx: int):
@@ -274,22 +309,26 @@ class RatTemporalConv(nn.Module):
         self.pointwise_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None, past_key_values: Cache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        tap_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        context = self.kernel_size - 1
         if padding_mask is not None:
             hidden_states = hidden_states * padding_mask[..., None].to(hidden_states.dtype)
-        if past_key_values is not None and past_key_values.has_previous_state(self.layer_idx):
-            # decoding: the cache returns [state (K-1) | new inputs (T)] along time
-            x = past_key_values.update_conv_state(
-                hidden_states.transpose(1, 2), self.layer_idx, conv_kernel_size=self.kernel_size - 1
-            ).transpose(1, 2)  # [B, K-1+T, D]
+        if cache is not None and cache.has_previous_state(self.layer_idx):
+            # decoding: the cache returns [state | new inputs] along time; the state is K-1 steps, or the whole past
+            # while assisted decoding records it for `crop`
+            x = cache.update_conv_state(hidden_states.transpose(1, 2), self.layer_idx, conv_kernel_size=context)
+            x = x.transpose(1, 2)[:, -(context + hidden_states.shape[1]) :]  # [B, <=K-1+T, D]
+            x = F.pad(x, (0, 0, context + hidden_states.shape[1] - x.shape[1], 0))  # [B, K-1+T, D]
         else:
-            if past_key_values is not None:  # prefill: remember the last K-1 inputs
-                past_key_values.update_conv_state(
-                    hidden_states.transpose(1, 2), self.layer_idx, conv_kernel_size=self.kernel_size - 1
-                )
-            x = F.pad(hidden_states, (0, 0, self.kernel_size - 1, 0))  # [B, K-1+T, D], causal: left only
-        x = F.gelu(causal_depthwise_conv(x, self.conv_weight, self.conv_bias))  # [B, T, D]
+            if cache is not None:  # prefill: remember the last K-1 inputs
+                cache.update_conv_state(hidden_states.transpose(1, 2), self.layer_idx, conv_kernel_size=context)
+            x = F.pad(hidden_states, (0, 0, context, 0))  # [B, K-1+T, D], causal: left only
+        x = F.gelu(causal_depthwise_conv(x, self.conv_weight, self.conv_bias, tap_mask))  # [B, T, D]
         return F.gelu(self.pointwise_proj(x))
 
 
@@ -309,18 +348,26 @@ class RatDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        tap_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
+        sample_policies: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, RatGateOutput]:
-        attn_out, _, gate_output = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns `(hidden_states [B, T, D], selector_probs [B, T, P] | None, sampled_log_prob [B, T] | None)`.
+
+        A flat tuple of tensors, not a dataclass: reentrant gradient checkpointing tracks only tensors returned at the
+        top level, and the sampled log-prob must keep its graph for the REINFORCE loss.
+        """
+        attn_out, _, gate = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache,
+            sample_policies=sample_policies, **kwargs,
         )
         hidden_states = hidden_states + self.dropout(attn_out)
-        conv_out = self.temporal_conv(self.conv_layernorm(hidden_states), padding_mask, past_key_values)
+        conv_out = self.temporal_conv(self.conv_layernorm(hidden_states), padding_mask, cache, tap_mask)
         hidden_states = hidden_states + self.dropout(conv_out)
         hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
-        return hidden_states, gate_output
+        return hidden_states, gate.selector_probs, gate.sampled_log_prob
 
 
 class RatPreTrainedModel(PreTrainedModel):
@@ -329,7 +376,7 @@ class RatPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RatDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -407,29 +454,43 @@ class RatModel(RatPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        sample_policies: bool | None = None,
         **kwargs,
     ) -> RatModelOutputWithPast:
+        """`sample_policies`: draw one gating policy per token (default: in reinforce mode while training)."""
+        cache = _resolve_cache(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("RatModel.forward: pass exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # [B, T, D]
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        # A cache made here is empty: the masks are built as without one, so packed rows (positions restarting at 0,
+        # no attention mask) keep their document boundaries also when `use_cache` is on (Llama loses them there).
+        mask_cache = cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if sample_policies is None:
+            sample_policies = self.training and self.config.gating_mode == "reinforce"
 
-        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
         seq_len = inputs_embeds.shape[1]
+        # Positions given by the caller may restart at 0 inside a row (packed documents): the convolution restarts
+        # there too. Decoding one token needs no mask (its K-1 predecessors are its own document's or zeros).
+        tap_mask = None
+        if position_ids is not None and seq_len > 1:
+            tap_mask = document_tap_mask(position_ids, self.config.conv_kernel_size, inputs_embeds.dtype)
         if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)  # [1, T]
 
         if isinstance(attention_mask, dict):  # prepared by generate() for a compilable (static) cache
             causal_mask, padding_mask = attention_mask["full_attention"], attention_mask["linear_attention"]
         else:
-            mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                               past_key_values=past_key_values, position_ids=position_ids)
+            mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                           _MASK_CACHE_ARG: mask_cache, "position_ids": position_ids}
             causal_mask = create_causal_mask(**mask_kwargs)
             # 2D padding mask of the new tokens for the convolution (None when nothing is padded)
             padding_mask = create_recurrent_attention_mask(**mask_kwargs)
@@ -438,20 +499,20 @@ class RatModel(RatPreTrainedModel):
         hidden_states = inputs_embeds
         selector_probs, sampled_log_probs = [], None
         for layer in self.layers:
-            hidden_states, gate = layer(
-                hidden_states, attention_mask=causal_mask, padding_mask=padding_mask,
-                position_embeddings=position_embeddings, past_key_values=past_key_values, **kwargs,
+            hidden_states, probs, log_prob = layer(
+                hidden_states, attention_mask=causal_mask, padding_mask=padding_mask, tap_mask=tap_mask,
+                position_embeddings=position_embeddings, cache=cache, sample_policies=sample_policies, **kwargs,
             )
-            if gate.selector_probs is not None:
-                selector_probs.append(gate.selector_probs)
-            if gate.sampled_log_prob is not None:
-                sampled_log_probs = gate.sampled_log_prob if sampled_log_probs is None else sampled_log_probs + gate.sampled_log_prob
+            if probs is not None:
+                selector_probs.append(probs)
+            if log_prob is not None:
+                sampled_log_probs = log_prob if sampled_log_probs is None else sampled_log_probs + log_prob
 
         return RatModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values,
             selector_probs=tuple(selector_probs) or None,
             sampled_log_probs=sampled_log_probs,
+            **{_OUTPUT_CACHE_FIELD: cache},
         )
 
 
@@ -473,16 +534,17 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> RatCausalLMOutputWithPast:
         outputs: RatModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            cache=_resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -501,9 +563,9 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
                 gate_entropy, policy_usage = _gate_statistics(outputs.selector_probs, valid)
 
         return RatCausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions, lm_loss=lm_loss, policy_loss=policy_loss, gate_entropy=gate_entropy,
-            policy_usage=policy_usage,
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            lm_loss=lm_loss, policy_loss=policy_loss, gate_entropy=gate_entropy, policy_usage=policy_usage,
+            **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)},
         )
 
     def _reinforce_losses(self, logits, shift_labels, valid, outputs, num_items_in_batch=None, **kwargs):
@@ -544,7 +606,12 @@ def _gate_statistics(selector_probs: tuple[torch.Tensor, ...], valid: torch.Tens
 
 
 class RatForSequenceClassification(GenericForSequenceClassification, RatPreTrainedModel):
-    """A `.score` head over `RatModel` (reward and value models for RL)."""
+    """A `.score` head over `RatModel` (reward and value models for RL).
+
+    A classifier has no per-token reward to train sampled gating decisions with, so a reinforce-mode model gates by
+    the selector's expectation here in training as in eval: the selectors then learn from the classification loss's
+    gradient (as in soft mode) instead of adding sampling noise with no policy loss.
+    """
 
     def __init__(self, config: RatConfig):
         RatPreTrainedModel.__init__(self, config)
@@ -552,6 +619,9 @@ class RatForSequenceClassification(GenericForSequenceClassification, RatPreTrain
         self.model = RatModel(config)  # built directly so remote-code loading needs no AutoModel lookup
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
+
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, sample_policies=False, **kwargs)
 
 
 __all__ = ["RatPreTrainedModel", "RatModel", "RatForCausalLM", "RatForSequenceClassification"]

@@ -20,6 +20,7 @@ per turn and reused at every decoding step. This file imports only torch, transf
 ships to the Hub as remote code.
 """
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,19 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_rxt import RxTConfig
+
+
+# Copied from rat_hf.models.rat.modeling_rat (the cache argument across transformers versions)
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__dataclass_fields__ else "past_key_values"
+
+
+# Copied from rat_hf.models.rat.modeling_rat._resolve_cache
+def _resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache under either name (`cache` from transformers >= 5.24, `past_key_values` before); both is an error."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 # Copied from transformers.models.llama.modeling_llama.LlamaRMSNorm with Llama->RxT
@@ -239,7 +253,7 @@ class RxTAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         key_value_states: torch.Tensor | None = None,
         key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -250,8 +264,8 @@ class RxTAttention(nn.Module):
             states = hidden_states if key_value_states is None else key_value_states
             key_value = self.project_key_value(states, position_embeddings)
         key_states, value_states = key_value
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -316,12 +330,11 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         memory_value: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn_out, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values=past_key_values,
-            **kwargs,
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
         hidden_states = hidden_states + self.dropout(attn_out)
         cross_out, _ = self.cross_attn(
@@ -471,7 +484,7 @@ class RxTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttentionLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -588,7 +601,7 @@ class RxTModel(RxTPreTrainedModel):
         return torch.where(has_tokens[:, None, None, None], new_memory, memory)
 
     def memory_key_values(
-        self, memory: torch.Tensor | None, batch_size: int, past_key_values: Cache | None = None
+        self, memory: torch.Tensor | None, batch_size: int, cache: Cache | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every decoder layer's cross-attention keys/values `[B, Hkv, S, hd]` of `memory` (None: the initial memory).
 
@@ -596,7 +609,7 @@ class RxTModel(RxTPreTrainedModel):
         decoding step costs nothing for the memory whatever `stm_size` is.
         """
         source = self.memory_init if memory is None else memory
-        stored = getattr(past_key_values, "_rxt_memory_key_values", None)
+        stored = getattr(cache, "_rxt_memory_key_values", None)
         if stored is not None and stored[0] is source:
             key_values = stored[1]
         else:
@@ -605,8 +618,8 @@ class RxTModel(RxTPreTrainedModel):
             self._check_memory(memory, batch_size)
             memory = memory.to(self.memory_init.dtype)
             key_values = [layer.memory_key_value(memory[:, i]) for i, layer in enumerate(self.layers)]
-            if past_key_values is not None:
-                past_key_values._rxt_memory_key_values = (source, key_values)
+            if cache is not None:
+                cache._rxt_memory_key_values = (source, key_values)
         return [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in key_values]
 
     # --- decoder ----------------------------------------------------------------------------------------------------
@@ -617,53 +630,62 @@ class RxTModel(RxTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         memory: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> RxTModelOutputWithPast:
         r"""
         memory (`torch.Tensor` of shape `[batch, num_hidden_layers, stm_size, hidden_size]`, *optional*):
             The short-term memory the decoder reads; `init_memory(batch)` when not given (a first turn).
         """
+        cache = _resolve_cache(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("RxTModel.forward: pass exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # [B, T, D]
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        # A cache made here is empty: the masks are built as without one, so packed rows (positions restarting at 0,
+        # no attention mask) keep their document boundaries also when `use_cache` is on (Llama loses them there).
+        mask_cache = cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
-        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
         batch_size, seq_len = inputs_embeds.shape[:2]
+        if position_ids is None and torch.is_tensor(attention_mask) and attention_mask.dim() == 2:
+            # Queries are rotated before they read the memory, so unlike self-attention (relative positions) the
+            # result depends on absolute positions: a left-padded row must count from its first real token, as
+            # generate() does. The 2D mask covers past + new tokens.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]  # [B, T]
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)  # [1, T]
         if isinstance(attention_mask, dict):  # prepared by generate() for a compilable (static) cache
             causal_mask = attention_mask["full_attention"]
         else:
-            causal_mask = create_causal_mask(
-                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                past_key_values=past_key_values, position_ids=position_ids,
-            )
+            causal_mask = create_causal_mask(**{
+                "config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                _MASK_CACHE_ARG: mask_cache, "position_ids": position_ids,
+            })
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        memory_key_values = self.memory_key_values(memory, batch_size, past_key_values)
+        memory_key_values = self.memory_key_values(memory, batch_size, cache)
 
         hidden_states = inputs_embeds
         router_logits = []
         for layer, (memory_key, memory_value) in zip(self.layers, memory_key_values):
             hidden_states, layer_router_logits = layer(
                 hidden_states, memory_key.to(hidden_states.dtype), memory_value.to(hidden_states.dtype),
-                attention_mask=causal_mask, position_embeddings=position_embeddings, past_key_values=past_key_values,
-                **kwargs,
+                attention_mask=causal_mask, position_embeddings=position_embeddings, cache=cache, **kwargs,
             )
             if layer_router_logits is not None:
                 router_logits.append(layer_router_logits)
 
         return RxTModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values,
             router_logits=tuple(router_logits) or None,
+            **{_OUTPUT_CACHE_FIELD: cache},
         )
 
 
@@ -699,12 +721,13 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         memory: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> RxTCausalLMOutputWithPast:
         r"""
@@ -713,7 +736,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         """
         outputs: RxTModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, memory=memory, **kwargs,
+            cache=_resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache, memory=memory,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -729,9 +753,9 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
 
         return RxTCausalLMOutputWithPast(
-            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions, router_logits=outputs.router_logits,
+            loss=loss, aux_loss=aux_loss, logits=logits, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, cross_attentions=outputs.cross_attentions, router_logits=outputs.router_logits,
+            **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)},
         )
 
 
