@@ -237,7 +237,7 @@ def test_quick_self_test_in_process(capsys):
 
 
 def test_self_test_reports_failures(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_TINY_RAT", {**cli._TINY_RAT, "n_policies": 0})
+    monkeypatch.setattr(cli.selftest, "_TINY_RAT", {**cli.selftest._TINY_RAT, "n_policies": 0})
     code, out, _ = call(capsys, "test", "--quick")
     assert code == 1
     assert "FAIL rat/build: ValueError: RatConfig.n_policies=0 is invalid" in out

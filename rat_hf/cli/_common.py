@@ -202,15 +202,16 @@ def from_hub(load, name: str, what: str, hint: str, **kwargs):
                        f"unreachable ({reason}); {hint}") from None
 
 
-def from_local_or_hub(load, name: str, what: str, **kwargs):
-    """`load(name, **kwargs)` for a local directory or a Hub id; one-line errors when neither can be had."""
+def from_local_or_hub(load, name: str, what: str, required: str | None = None, **kwargs):
+    """`load(name, **kwargs)` for a local directory (holding `required`) or a Hub id; one-line errors when neither
+    can be had."""
     local = Path(name).expanduser()
     if not local.exists():
         return from_hub(load, name, what, "pass a local directory", **kwargs)
     if not local.is_dir():
         raise CLIError(f"{what} {name!r} is a file; pass the directory written by save_pretrained")
-    if what == "model" and not (local / "config.json").exists():
-        raise CLIError(f"model {name!r} has no config.json; pass the directory written by save_pretrained")
+    if required and not (local / required).exists():
+        raise CLIError(f"{what} {name!r} has no {required}; pass the directory written by save_pretrained")
     return load(str(local), **kwargs)
 
 
@@ -227,7 +228,7 @@ def _keys(keys) -> str:
     return shown + (f", ... ({len(grouped) - 4} more)" if len(grouped) > 4 else "")
 
 
-def check_loading_info(model, info: dict, name: str) -> None:
+def check_loading_info(model, info: dict, name: str, what: str = "model") -> None:
     """Raise a `CLIError` when the checkpoint's weights do not fit the model its config describes."""
     tied = set()
     if getattr(model.config, "tie_word_embeddings", False):
@@ -246,17 +247,17 @@ def check_loading_info(model, info: dict, name: str) -> None:
         problems.append(f"{len(mismatched)} of another shape (e.g. {key}: checkpoint {list(saved)}, "
                         f"config {list(wanted)})")
     if problems:
-        raise CLIError(f"model {name!r}: the weights do not match its config.json: {'; '.join(problems)}")
+        raise CLIError(f"{what} {name!r}: the weights do not match its config.json: {'; '.join(problems)}")
 
 
-def from_pretrained_checked(auto_class, name: str, **kwargs):
+def from_pretrained_checked(auto_class, name: str, what: str = "model", **kwargs):
     """`auto_class.from_pretrained(name)` that refuses weights not matching the config (missing, unexpected or of
     another shape; a tied lm_head is fine) with one line, instead of silently using random weights."""
     def load(path, **kw):
         return auto_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kw)
 
-    model, info = from_local_or_hub(load, name, "model", **kwargs)
-    check_loading_info(model, info, name)
+    model, info = from_local_or_hub(load, name, what, "config.json", **kwargs)
+    check_loading_info(model, info, name, what)
     return model
 
 
@@ -285,16 +286,16 @@ def load_model(args):
     return model.to(device(args.device)).eval()
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, hint: str = ""):
+def load_tokenizer(name: str, trust_remote_code: bool = False, hint: str = "", what: str = "tokenizer"):
     """`AutoTokenizer` from a directory or Hub id; a one-line error naming `name` when there is none."""
     from transformers import AutoTokenizer
 
     try:
-        return from_local_or_hub(AutoTokenizer.from_pretrained, name, "tokenizer", trust_remote_code=trust_remote_code)
+        return from_local_or_hub(AutoTokenizer.from_pretrained, name, what, trust_remote_code=trust_remote_code)
     except CLIError:
         raise
-    except (OSError, ValueError, TypeError) as error:
-        raise CLIError(f"no usable tokenizer in {name!r} ({one_line(error)}){hint}") from None
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise CLIError(f"{what}: no usable tokenizer in {name!r} ({one_line(error)}){hint}") from None
 
 
 # --- text data ----------------------------------------------------------------------------------------------------

@@ -61,11 +61,18 @@ def from_seed_layout(data: dict, path: str = "<config>") -> dict:
     return flat
 
 
-def parse_args(dataclass_types, argv=None):
+class _Parser(HfArgumentParser):
+    """Usage errors in one line: the usage of every TrainingArguments flag is hundreds of lines."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the arguments)\n")
+
+
+def parse_args(dataclass_types, argv=None, prog: str | None = None):
     """Parse `argv` into the dataclasses, with `--config FILE` values as defaults that the command line overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
-    parser = HfArgumentParser(dataclass_types)
+    parser = _Parser(dataclass_types, prog=prog)
     parser.add_argument("--config", default=None, help="YAML/JSON file of arguments (command-line flags override it)")
     config = {}
     if "--config" in argv:
