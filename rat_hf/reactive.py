@@ -9,6 +9,9 @@ A turn's decoder input is `[Q] query [A]` alone, never the history, so its cost 
 memory update (encode `[Q] query [A] answer [EOS]`, then memory attention) runs on a worker thread and, on CUDA, on a
 side stream, so `interact` returns as soon as the answer is generated; the next `interact` (or `.memory`) waits for it.
 Several conversations run at once with `batch_size=N` and a list of N queries per turn.
+
+A session may be used from several threads: its turns are serialised (a lock is held from reading the memory through
+generating to scheduling the update), so every turn reads the memory that the previous one wrote and none is lost.
 """
 
 import threading
@@ -18,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .tokenization.special_tokens import ANSWER_TOKEN, QUERY_TOKEN
+from .tokenization.special_tokens import check_tokenizer_matches
 
 
 class ReactiveSession:
@@ -26,8 +29,8 @@ class ReactiveSession:
 
     Args:
         model: the reactive model; it needs `init_memory`, `update_memory` and `generate(..., memory=)`.
-        tokenizer: for text queries and answers; any tokenizer works. The `[Q]`/`[A]`/EOS ids come from the model's
-            config; a tokenizer that defines `[Q]` or `[A]` must give them the same ids.
+        tokenizer: for text queries and answers. The `[Q]`/`[A]`/EOS ids come from the model's config and must be the
+            tokenizer's (`check_tokenizer_matches`; build the config with `RxTConfig.from_tokenizer`), else ValueError.
         batch_size: conversations held at once; each turn then takes a list of that many queries.
         background: update the memory on a worker thread (and a side CUDA stream); `False` updates inline.
         **generate_kwargs: defaults for every turn's `generate` (e.g. `max_new_tokens`, `do_sample`).
@@ -45,16 +48,15 @@ class ReactiveSession:
         if self.eos_token_id is None:
             raise ValueError("ReactiveSession: the model's config needs an eos_token_id to end answers")
         if tokenizer is not None:
-            vocab = tokenizer.get_vocab()
-            for token, token_id in ((QUERY_TOKEN, self.query_token_id), (ANSWER_TOKEN, self.answer_token_id)):
-                if token in vocab and vocab[token] != token_id:
-                    raise ValueError(f"ReactiveSession: the tokenizer has {token} = {vocab[token]} but the model's "
-                                     f"config says {token_id}")
+            check_tokenizer_matches(config, tokenizer, where="ReactiveSession")
         self.generate_kwargs = {"max_new_tokens": 256, **generate_kwargs}
         self.device = model.device
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rxt-memory-update") if background else None
         self._side_stream = torch.cuda.Stream(self.device) if background and self.device.type == "cuda" else None
         self._pending: Future | None = None
+        # held across read-memory -> generate -> schedule-update, so turns from several threads never read the same
+        # memory (the later update would overwrite the earlier turn); re-entrant because a turn reads `.memory`
+        self._lock = threading.RLock()
         self._memory = self._fresh_memory()
         self.turns = 0
         self.last_update_seconds: float | None = None  # wall time of the last memory update, measured where it ran
@@ -66,42 +68,45 @@ class ReactiveSession:
 
     @property
     def memory(self) -> torch.Tensor:
-        """The memory after every finished turn (waits for a pending update)."""
-        self.wait()
-        return self._memory
+        """The memory after every finished turn (waits for a pending update and for a turn in progress)."""
+        with self._lock:
+            self.wait()
+            return self._memory
 
     def wait(self) -> None:
         """Block until the scheduled memory update has finished."""
-        if self._pending is None:
-            return
-        # a failed update re-raises here on every call until `reset()`: never go on with a stale memory
-        memory, done = self._pending.result()
-        self._pending = None
-        if done is not None:  # later work on this thread's stream must see the side stream's result
-            torch.cuda.current_stream(self.device).wait_event(done)
-            memory.record_stream(torch.cuda.current_stream(self.device))
-        self._memory = memory
+        with self._lock:
+            if self._pending is None:
+                return
+            # a failed update re-raises here on every call until `reset()`: never go on with a stale memory
+            memory, done = self._pending.result()
+            self._pending = None
+            if done is not None:  # later work on this thread's stream must see the side stream's result
+                torch.cuda.current_stream(self.device).wait_event(done)
+                memory.record_stream(torch.cuda.current_stream(self.device))
+            self._memory = memory
 
     def reset(self) -> None:
         """Start the conversations over from the initial memory."""
-        if self._pending is not None:
-            self._pending.exception()  # let it finish; its result (or error) no longer matters
-            self._pending = None
-        self._memory = self._fresh_memory()
-        self.turns = 0
+        with self._lock:
+            if self._pending is not None:
+                self._pending.exception()  # let it finish; its result (or error) no longer matters
+                self._pending = None
+            self._memory = self._fresh_memory()
+            self.turns = 0
 
     def save_state(self, path) -> None:
         """Write the conversations' memory (and turn count) to a safetensors file."""
         from safetensors.torch import save_file
 
-        memory = self.memory.detach().contiguous().cpu()
-        save_file({"memory": memory}, str(path), metadata={"format": "rxt-memory", "turns": str(self.turns)})
+        with self._lock:  # the memory and the turn count of the same turn
+            memory, turns = self.memory.detach().contiguous().cpu(), self.turns
+        save_file({"memory": memory}, str(path), metadata={"format": "rxt-memory", "turns": str(turns)})
 
     def load_state(self, path) -> None:
         """Continue the conversations saved by `save_state` (the batch size becomes the saved one)."""
         from safetensors import safe_open
 
-        self.wait()
         with safe_open(str(path), framework="pt") as f:
             memory, metadata = f.get_tensor("memory"), f.metadata() or {}
         config = self.model.config
@@ -109,9 +114,11 @@ class ReactiveSession:
         if memory.dim() != 4 or tuple(memory.shape[1:]) != expected:
             raise ValueError(f"ReactiveSession.load_state: {path} holds a memory of shape {list(memory.shape)}, this "
                              f"model needs [batch, {', '.join(map(str, expected))}]")
-        self._memory = memory.to(device=self.device, dtype=self._memory.dtype)
-        self.batch_size = memory.shape[0]
-        self.turns = int(metadata.get("turns", 0))
+        with self._lock:
+            self.wait()
+            self._memory = memory.to(device=self.device, dtype=self._memory.dtype)
+            self.batch_size = memory.shape[0]
+            self.turns = int(metadata.get("turns", 0))
 
     # --- turns -------------------------------------------------------------------------------------------------------
     def interact(self, query: str | Sequence[str], **generate_kwargs) -> str | list[str]:
@@ -146,7 +153,14 @@ class ReactiveSession:
             raise failure[0]
 
     def interact_ids(self, query_ids: Sequence[Sequence[int]], **generate_kwargs) -> list[list[int]]:
-        """Token-level turn: `batch_size` queries (ids without `[Q]`/`[A]`) in, the answers' ids (no EOS) out."""
+        """Token-level turn: `batch_size` queries (ids without `[Q]`/`[A]`) in, the answers' ids (no EOS) out.
+
+        Turns from several threads run one after another, each reading the memory the previous one wrote.
+        """
+        with self._lock:
+            return self._turn(query_ids, **generate_kwargs)
+
+    def _turn(self, query_ids: Sequence[Sequence[int]], **generate_kwargs) -> list[list[int]]:
         if len(query_ids) != self.batch_size:
             raise ValueError(f"ReactiveSession: expected {self.batch_size} queries (batch_size), got {len(query_ids)}")
         prompts = [[self.query_token_id, *map(int, q), self.answer_token_id] for q in query_ids]
@@ -220,9 +234,10 @@ class ReactiveSession:
 
     def close(self) -> None:
         """Finish the pending update and stop the worker thread."""
-        self.wait()
-        if self._executor is not None:
-            self._executor.shutdown()
+        with self._lock:
+            self.wait()
+            if self._executor is not None:
+                self._executor.shutdown()
 
     def __enter__(self) -> "ReactiveSession":
         return self

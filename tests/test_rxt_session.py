@@ -26,7 +26,8 @@ def test_decoder_input_does_not_grow_with_the_conversation():
     prompt_lengths = []
 
     def record(module, args, kwargs):
-        if kwargs["past_key_values"] is None or kwargs["past_key_values"].get_seq_length() == 0:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the base model's name for it changed with 5.24
+        if cache is None or cache.get_seq_length() == 0:
             prompt_lengths.append(kwargs["input_ids"].shape[1])
 
     handle = model.model.register_forward_pre_hook(record, with_kwargs=True)
@@ -175,5 +176,58 @@ def test_text_turns_and_streaming(tokenizer):
 
 def test_a_tokenizer_with_other_reactive_ids_is_refused(tokenizer):
     model = tiny_model(vocab_size=300, query_token_id=7, answer_token_id=8)
-    with pytest.raises(ValueError, match=r"tokenizer has \[Q\] = 3 but the model's config says 7"):
+    with pytest.raises(ValueError, match=r"^ReactiveSession: config.query_token_id=7 but the tokenizer's '\[Q\]' is 3"):
         ReactiveSession(model, tokenizer)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(eos_token_id=5), "eos_token_id"),        # answers would end at [T]: they would never end at [EOS]
+    (dict(vocab_size=200), "vocab_size"),          # ids 200..299 would index past the embedding
+    (dict(pad_token_id=2), "pad_token_id"),
+])
+def test_a_tokenizer_that_disagrees_with_the_config_is_refused(tokenizer, overrides, field):
+    with pytest.raises(ValueError, match=rf"^ReactiveSession: config\.{field}="):
+        ReactiveSession(tiny_model(**{"vocab_size": 300, **overrides}), tokenizer)
+
+
+def test_turns_from_two_threads_both_land_in_memory(monkeypatch):
+    model = tiny_model()
+    first, second = QUERIES[0], QUERIES[1]
+    orders = {}
+    for order in ((first, second), (second, first)):
+        chat = session(model)
+        answers = [chat.interact_ids([q])[0] for q in order]
+        orders[tuple(map(tuple, order))] = (answers, chat.memory)
+
+    chat = session(model)
+    generate = model.generate
+    meet = threading.Barrier(2)
+
+    def racing_generate(*args, **kwargs):
+        # both turns try to be inside generate at once (the race that lost a turn); serialised turns time out here
+        try:
+            meet.wait(timeout=0.5)
+        except threading.BrokenBarrierError:
+            pass
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", racing_generate)
+    done, errors = [], []
+
+    def turn(query):
+        try:
+            done.append((tuple(query), chat.interact_ids([query])[0]))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=turn, args=(q,)) for q in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and chat.turns == 2
+    order = tuple(query for query, _ in done)
+    expected_answers, expected_memory = orders[order]
+    assert [answer for _, answer in done] == expected_answers
+    torch.testing.assert_close(chat.memory, expected_memory, atol=1e-6, rtol=0)  # both turns, in the order they ran
+    chat.close()

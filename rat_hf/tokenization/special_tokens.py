@@ -5,6 +5,10 @@ thinking segment between them); `[BOS]`, `[EOS]` and `[PAD]` are the sequence to
 The chat template is a plain, readable one (`<|user|>`, `<|assistant|>` headers, each turn closed by the EOS token),
 with `{% generation %}` around assistant turns so `return_assistant_tokens_mask=True` (TRL's assistant-only loss)
 works.
+
+A model and its tokenizer agree by construction with `reactive_config(tokenizer, ...)` (adds the reactive tokens where
+missing, then `RxTConfig.from_tokenizer`); `check_tokenizer_matches(config, tokenizer)` refuses a pair that does not
+(`ReactiveSession` calls it).
 """
 
 QUERY_TOKEN = "[Q]"
@@ -66,3 +70,56 @@ def reactive_token_ids(tokenizer) -> dict:
         ids[role] = i
     ids.update(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
     return ids
+
+
+def reactive_config(tokenizer, **config_kwargs):
+    """An `RxTConfig` whose vocabulary size and pad/bos/eos/`[Q]`/`[A]` ids are `tokenizer`'s.
+
+    Adds the reactive tokens (and BOS/EOS/PAD) to `tokenizer` where missing first, so keep and save that tokenizer
+    with the model. `config_kwargs` set the other fields (sizes, variants, ...).
+    """
+    from ..models.rxt.configuration_rxt import RxTConfig
+
+    add_reactive_special_tokens(tokenizer)
+    return RxTConfig.from_tokenizer(tokenizer, **config_kwargs)
+
+
+def check_tokenizer_matches(config, tokenizer, where: str = "") -> None:
+    """ValueError, one line naming the config field, unless `config` and `tokenizer` agree on the token ids.
+
+    Checks that every token id fits in `config.vocab_size`, that the tokenizer's EOS is the config's (or one of its
+    list), that bos/pad agree where both define them, and, for an RxT config, that `query_token_id`/`answer_token_id`
+    are the tokenizer's `[Q]`/`[A]`. `where` prefixes the message (e.g. "ReactiveSession").
+    """
+    prefix = f"{where}: " if where else ""
+    hint = "; build the config from the tokenizer (RxTConfig.from_tokenizer / rat_hf.tokenization.reactive_config)" \
+        if hasattr(config, "query_token_id") else "; use the tokenizer saved with the model"
+
+    def mismatch(field: str, config_value, what: str) -> ValueError:
+        return ValueError(f"{prefix}config.{field}={config_value!r} but {what}{hint}")
+
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise mismatch("vocab_size", vocab_size, f"the tokenizer has {len(tokenizer)} tokens")
+    eos = config.eos_token_id
+    if eos is not None:
+        allowed = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        if tokenizer.eos_token_id is None:
+            raise mismatch("eos_token_id", eos, "the tokenizer has no EOS token")
+        if tokenizer.eos_token_id not in allowed:
+            raise mismatch("eos_token_id", eos, f"the tokenizer's EOS {tokenizer.eos_token!r} is "
+                                                f"{tokenizer.eos_token_id}")
+    for field, attr in (("bos_token_id", "bos_token"), ("pad_token_id", "pad_token")):
+        ours, theirs = getattr(config, field, None), getattr(tokenizer, f"{attr}_id")
+        if ours is not None and theirs is not None and ours != theirs:
+            raise mismatch(field, ours, f"the tokenizer's {getattr(tokenizer, attr)!r} is {theirs}")
+    if not hasattr(config, "query_token_id"):
+        return
+    for field, token in (("query_token_id", QUERY_TOKEN), ("answer_token_id", ANSWER_TOKEN)):
+        ours = getattr(config, field)
+        theirs = tokenizer.convert_tokens_to_ids(token)
+        if theirs is None or theirs == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(theirs) != token:
+            there = tokenizer.convert_ids_to_tokens(ours) if 0 <= ours < len(tokenizer) else None
+            raise mismatch(field, ours, f"the tokenizer has no {token!r} token (id {ours} is {there!r} there)")
+        if theirs != ours:
+            raise mismatch(field, ours, f"the tokenizer's {token!r} is {theirs}")
