@@ -93,6 +93,7 @@ def test_generate_subprocess_equals_in_process(saved, capsys):
     lines = done.stdout.splitlines()
     assert lines[0] == "=== prompt 1/1, sequence 1/2 ===" and lines[2] == "=== prompt 1/1, sequence 2/2 ==="
     assert lines[1].startswith("Token 7") and lines[3].startswith("Token 7")
+    assert "Warning" not in done.stderr, done.stderr  # no library notes or our own FutureWarnings in the output
     code, out, _ = call(capsys, *args)  # same seed, same completions
     assert code == 0 and out == done.stdout
 
@@ -116,7 +117,8 @@ def test_quick_self_test_subprocess_passes():
     checks = [line.split()[1] for line in lines if line.startswith(("PASS", "FAIL"))]
     for model in ("rat", "rxt"):
         assert {f"{model}/{c}" for c in ("build", "causality", "cache", "generate", "save_load")} <= set(checks)
-    assert all(line.startswith("PASS") for line in lines[:-1]), done.stdout
+    assert lines[0].startswith("rat-test: transformers ")
+    assert all(line.startswith("PASS") for line in lines[1:-1]), done.stdout
     assert lines[-1].startswith(f"rat-test: {len(checks)} passed, 0 failed")
 
 
@@ -179,13 +181,69 @@ def test_eval_text_file_equals_the_models_own_loss(saved, capsys):
     assert result["loss"] == pytest.approx(loss, abs=1e-5)
 
 
-def test_eval_default_corpus_text_report(saved, capsys):
-    code, out, _ = call(capsys, "eval", "--model", saved["rat"], "--dataset", "default", "--max_docs", "20",
-                        "--seq_len", "64", "--max_sequences", "4", "--no_progress")
+def test_eval_default_scores_the_documents_training_held_out(saved, capsys):
+    """`--dataset default` is the held-out split of rat-train (by document), and the report says what was scored."""
+    from rat_hf.data import default_text_corpus
+    from rat_hf.recipes.pretrain import split_documents
+
+    code, out, _ = call(capsys, "eval", "--model", saved["rat"], "--dataset", "default", "--max_docs", "120",
+                        "--seq_len", "32", "--max_sequences", "4", "--json", "--no_progress")
+    assert code == 0
+    result = json.loads(out)
+    train, held = split_documents(default_text_corpus(max_docs=120))
+    assert 0 < len(held) < 20 and len(train) + len(held) == 120
+    assert result["split"].startswith(f"held-out split: {len(held)} of 120 documents")
+    assert result["note"] == "block length 32 (--seq_len)" and result["tokens"] == 4 * 31
+    ids = torch.tensor(pack_for_causal_lm(held, saved["tokenizer"], 32)["input_ids"][:4])
+    model = RatForCausalLM.from_pretrained(saved["rat"]).eval()
+    with torch.no_grad():
+        assert result["loss"] == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), abs=1e-5)
+
+    code, out, _ = call(capsys, "eval", "--model", saved["rat"], "--dataset", "default", "--max_docs", "120",
+                        "--seq_len", "32", "--max_sequences", "4", "--no_progress")
     assert code == 0
     report = dict(line.split(None, 1) for line in out.splitlines())
     assert set(report) == {"model", "dataset", "tokens", "loss", "perplexity"}
-    assert report["dataset"] == "default: 4 sequences of 64 tokens" and report["tokens"] == "252 predicted"
+    assert report["dataset"].startswith("default (held-out split: ") and "4 sequences of 32 tokens" in out
+    assert "block length 32" in report["dataset"] and report["tokens"] == "124 predicted"
+    code, out, _ = call(capsys, "eval", "--model", saved["rat"], "--dataset", "default", "--max_docs", "120",
+                        "--seq_len", "32", "--max_sequences", "2", "--split", "train", "--json", "--no_progress")
+    assert code == 0 and json.loads(out)["split"].startswith(f"train split: {len(train)} of 120")
+
+
+def test_eval_uses_the_recorded_training_length(saved, tmp_path, capsys):
+    import shutil
+
+    model_dir = tmp_path / "rat"
+    shutil.copytree(saved["rat"], model_dir)
+    (model_dir / "rat_train_data.json").write_text(json.dumps({"dataset": "default", "seq_len": 16}))
+    code, out, _ = call(capsys, "eval", "--model", str(model_dir), "--dataset", saved["text"], "--max_sequences", "3",
+                        "--json", "--no_progress")
+    assert code == 0
+    result = json.loads(out)
+    assert result["seq_len"] == 16 and result["note"] == "block length 16 (the training length)"
+    code, _, err = call(capsys, "eval", "--model", str(model_dir), "--dataset", RLM_SPEC, "--num_sequences", "4",
+                        "--json", "--no_progress")
+    assert code == 0 and "trained on text (default)" in err
+
+
+def test_eval_rlm_of_a_text_model_warns_the_gap_is_meaningless(saved, capsys):
+    code, out, err = call(capsys, "eval", "--model", saved["rat"], "--dataset", RLM_SPEC, "--num_sequences", "4",
+                          "--no_progress")
+    assert code == 0
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert warning == ["rat-eval: warning: the model's vocabulary (320) is not the RLM's 16 symbols: it was not "
+                       "trained on this RLM and the gap to the optimum is meaningless"]
+    assert "(meaningless: see the warning)" in out.splitlines()[-1]
+
+
+def test_eval_rlm_of_an_rlm_sized_model_has_no_warning(tmp_path, capsys):
+    torch.manual_seed(0)
+    RatForCausalLM(RatConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=32)).save_pretrained(tmp_path / "rlm")
+    code, out, err = call(capsys, "eval", "--model", str(tmp_path / "rlm"), "--dataset", RLM_SPEC,
+                          "--num_sequences", "4", "--json", "--no_progress")
+    assert code == 0 and "warning" not in err and "warning" not in json.loads(out)
 
 
 def test_eval_rlm_text_report_and_vocabulary_check(saved, capsys):
@@ -341,3 +399,105 @@ def test_hub_check_honours_offline_mode(monkeypatch):
     with cli._offline():
         assert constants.HF_HUB_OFFLINE is True
     assert constants.HF_HUB_OFFLINE is False
+
+
+# --- weights that do not match their config ---------------------------------------------------------------------------
+@pytest.fixture
+def three_layer_config(saved, tmp_path):
+    """The tiny RAT's 2-layer weights under a config.json that says 3 layers (a hand-edited or mixed-up checkpoint)."""
+    import shutil
+
+    path = tmp_path / "rat3"
+    shutil.copytree(saved["rat"], path)
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    config.pop("layer_types", None)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("tool, extra", [("generate", ["--prompt", "Token 1", "--max_new_tokens", "2"]),
+                                         ("eval", ["--dataset", RLM_SPEC, "--num_sequences", "4"])])
+def test_weights_not_matching_the_config_are_an_error(tool, extra, three_layer_config, capsys):
+    code, out, err = call(capsys, tool, "--model", three_layer_config, *extra)
+    assert_one_line_error(code, err, tool, f"model {three_layer_config!r}: the weights do not match its config.json: "
+                                           "22 weights missing (model.layers.2.*)")
+    assert out == ""
+
+
+def test_weights_of_another_shape_and_extra_weights_are_named(saved, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from rat_hf.cli._common import from_pretrained_checked
+
+    path = tmp_path / "wide"
+    shutil.copytree(saved["rat"], path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(intermediate_size=96)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(cli.CLIError, match=r"6 of another shape \(e.g. model.layers.0.mlp.down_proj.weight: "
+                                           r"checkpoint \[32, 64\], config \[32, 96\]\)"):
+        from_pretrained_checked(AutoModelForCausalLM, str(path))
+    config.update(intermediate_size=64, num_hidden_layers=1, layer_types=["hybrid"])
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(cli.CLIError, match=r"22 unexpected \(model.layers.1.\*\)"):
+        from_pretrained_checked(AutoModelForCausalLM, str(path))
+    model = from_pretrained_checked(AutoModelForCausalLM, saved["rat"])  # tied lm_head: not "missing"
+    assert model.config.tie_word_embeddings
+
+
+# --- rat-test catches a model that ignores its cache ------------------------------------------------------------------
+def test_self_test_fails_when_the_model_ignores_the_cache(monkeypatch, capsys):
+    """The 5.24 bug: `forward` swallows the cache under the name generate() passes it (`cache=` from 5.24), so each
+    decode step sees only the newest token. Greedy tokens of a tiny random model often survive that; logits do not."""
+    import functools
+
+    key = cli.selftest.cache_argument()
+    for cls in (RatForCausalLM, RxTForCausalLM):
+        forward = cls.forward
+
+        @functools.wraps(forward)
+        def forgetful(self, *args, _forward=forward, **kwargs):
+            kwargs.pop(key, None)
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", forgetful)
+    code, out, _ = call(capsys, "test", "--quick")
+    assert code == 1
+    failed = {line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("FAIL")}
+    assert failed == {"rat/cache", "rat/generate", "rxt/cache", "rxt/generate"}, out
+    assert f"cache passed as {key}=) differ from the full forward" in out
+    assert "greedy: generate()'s logits at new token 1 differ from a full forward" in out
+
+
+# --- text files -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content, fragment", [
+    (b"", "is empty: no text to read"), (b"  \n\n", "is empty: no text to read"),
+    (b"fine line\ncaf\xe9 au lait\n", "is not UTF-8 text: byte 0xe9 at offset 13 (line 2)"),
+    ("\ufeffUTF-16 text\n".encode("utf-16-le"), "is not UTF-8 text"),
+])
+def test_eval_names_an_empty_or_undecodable_file(content, fragment, saved, tmp_path, capsys):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    code, out, err = call(capsys, "eval", "--model", saved["rat"], "--dataset", str(path))
+    assert_one_line_error(code, err, "eval", f"--dataset {str(path)!r} {fragment}")
+
+
+def test_quiet_libraries_hides_deprecation_warnings_and_restores_logging():
+    import warnings
+
+    import transformers
+
+    from rat_hf.cli._common import quiet_libraries
+
+    level = transformers.utils.logging.get_verbosity()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_libraries():
+            warnings.warn("`past_key_values` is deprecated", FutureWarning)
+            assert transformers.utils.logging.get_verbosity() == transformers.logging.ERROR
+        warnings.warn("shown", UserWarning)
+    assert [str(w.message) for w in caught] == ["shown"]
+    assert transformers.utils.logging.get_verbosity() == level

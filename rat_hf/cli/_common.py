@@ -253,8 +253,15 @@ def check_loading_info(model, info: dict, name: str, what: str = "model") -> Non
 def from_pretrained_checked(auto_class, name: str, what: str = "model", **kwargs):
     """`auto_class.from_pretrained(name)` that refuses weights not matching the config (missing, unexpected or of
     another shape; a tied lm_head is fine) with one line, instead of silently using random weights."""
+    import transformers
+
     def load(path, **kw):
-        return auto_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kw)
+        level = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()  # its load report: the error below says it in one line
+        try:
+            return auto_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kw)
+        finally:
+            transformers.utils.logging.set_verbosity(level)
 
     model, info = from_local_or_hub(load, name, what, "config.json", **kwargs)
     check_loading_info(model, info, name, what)
