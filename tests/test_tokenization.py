@@ -1,4 +1,5 @@
-"""Tokenizers: tiktoken-exact cl100k, trained small BPE, chat template, reactive special tokens."""
+"""Tokenizers: tiktoken-exact cl100k, trained small BPE, chat template, reactive special tokens, and a model's
+config agreeing with its tokenizer."""
 
 import random
 import sysconfig
@@ -11,8 +12,10 @@ from transformers import AutoTokenizer
 from rat_hf.tokenization import (
     REACTIVE_SPECIAL_TOKENS,
     add_reactive_special_tokens,
+    check_tokenizer_matches,
     load_tiktoken_encoding,
     oniguruma_pattern,
+    reactive_config,
     reactive_token_ids,
     tiktoken_tokenizer,
     train_bpe_tokenizer,
@@ -167,3 +170,68 @@ def test_reactive_tokens_on_both_tokenizers(small):
     assert big.decode(big.encode("[Q] hi [A] yo"), skip_special_tokens=True) == " hi  yo"
     assert add_reactive_special_tokens(small) == {"query": 3, "answer": 4, "think": 5, "bos": 1, "eos": 2, "pad": 0}
     assert set(REACTIVE_SPECIAL_TOKENS) == {"query", "answer", "think"}
+
+
+# --- a model's config and its tokenizer agree by construction ---------------------------------------------------------
+RXT_TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, stm_size=4,
+                max_position_embeddings=64)
+
+
+def test_the_default_rxt_ids_are_ordinary_characters_in_tiktoken():
+    from rat_hf import RxTConfig
+
+    big = tiktoken_tokenizer()
+    assert big.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["!", '"', "#", "$", "%"]  # what RxTConfig() calls pad..[A]
+    with pytest.raises(ValueError, match=r"^config\.vocab_size=32000 but the tokenizer has 100277 tokens"):
+        check_tokenizer_matches(RxTConfig(), big)
+    with pytest.raises(ValueError, match=r"^config\.eos_token_id=2 but the tokenizer's EOS '<\|endoftext\|>' is 100257"):
+        check_tokenizer_matches(RxTConfig(vocab_size=len(big)), big)
+    add_reactive_special_tokens(big)
+    config = RxTConfig(vocab_size=len(big), pad_token_id=100257, bos_token_id=100257, eos_token_id=100257)
+    with pytest.raises(ValueError, match=r"^config\.query_token_id=3 but the tokenizer's '\[Q\]' is 100277"):
+        check_tokenizer_matches(config, big)
+
+
+def test_reactive_config_takes_the_ids_from_the_tokenizer_and_a_session_runs():
+    import torch
+
+    from rat_hf import ReactiveSession, RxTConfig, RxTForCausalLM
+
+    big = tiktoken_tokenizer()  # no [Q]/[A] yet: reactive_config adds them
+    config = reactive_config(big, **RXT_TINY)
+    assert (config.query_token_id, config.answer_token_id) == (100277, 100278)
+    assert config.pad_token_id == config.bos_token_id == config.eos_token_id == 100257
+    assert config.vocab_size == len(big) == 100280 and config.hidden_size == 32
+    check_tokenizer_matches(config, big)
+    assert RxTConfig.from_tokenizer(big, vocab_size=100352, **RXT_TINY).vocab_size == 100352  # rounded up: fine
+    torch.manual_seed(0)
+    model = RxTForCausalLM(config).eval()
+    with ReactiveSession(model, big, max_new_tokens=3, do_sample=False) as chat:
+        assert isinstance(chat.interact("Hi, I am Ada."), str) and chat.turns == 1
+    with pytest.raises(ValueError, match=r"^ReactiveSession: config\.eos_token_id=2 "):
+        ReactiveSession(RxTForCausalLM(RxTConfig(vocab_size=len(big), **RXT_TINY)), big)
+
+
+def test_from_tokenizer_refuses_what_would_disagree(small):
+    from rat_hf import RxTConfig
+
+    big = tiktoken_tokenizer()
+    with pytest.raises(ValueError, match=r"the tokenizer has no '\[Q\]' token; add it with .*add_reactive_special_tokens"):
+        RxTConfig.from_tokenizer(big)
+    with pytest.raises(ValueError, match=r"eos_token_id=5 differs from the tokenizer's 2"):
+        RxTConfig.from_tokenizer(small, eos_token_id=5)
+    with pytest.raises(ValueError, match=r"vocab_size=500 is smaller than the tokenizer's 600 tokens"):
+        RxTConfig.from_tokenizer(small, vocab_size=500)
+    # the defaults are those of the tokenizers trained here
+    config = RxTConfig.from_tokenizer(small)
+    defaults = RxTConfig()
+    for field in ("pad_token_id", "bos_token_id", "eos_token_id", "query_token_id", "answer_token_id"):
+        assert getattr(config, field) == getattr(defaults, field), field
+    check_tokenizer_matches(defaults, small)
+
+
+def test_the_remote_code_config_spells_the_reactive_tokens_the_same():
+    from rat_hf.models.rxt import configuration_rxt
+
+    assert (configuration_rxt.QUERY_TOKEN, configuration_rxt.ANSWER_TOKEN) == (REACTIVE_SPECIAL_TOKENS["query"],
+                                                                             REACTIVE_SPECIAL_TOKENS["answer"])
