@@ -102,7 +102,7 @@ def oracle_logits(rlm, x):
 @pytest.mark.parametrize("beta", [1.0, 2.0])
 def test_exact_model_has_zero_gap_to_the_optimum(beta):
     """Compare like with like: a perfect causal LM's loss (positions 1..T-1) minus the optimum is 0, not negative."""
-    from rat_hf.recipes.rlm_next_token import _argmax_and_last_nll, _metrics, optima
+    from rat_hf.recipes.rlm_next_token import _argmax_and_last_nll, _metrics
 
     rlm = RandomLanguageModel(8, 4, beta=beta, seed=1)
     n, seed = 300, 5
@@ -110,7 +110,7 @@ def test_exact_model_has_zero_gap_to_the_optimum(beta):
     logits = oracle_logits(rlm, x)
     lm_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).item()  # as HF
 
-    best = optima(rlm, num_samples=n, seed=seed)  # the recipe's optimum, on the same samples as the oracle
+    best = rlm.optimal_losses(num_samples=n, seed=seed)  # what the recipes compare with, on the oracle's samples
     assert lm_loss - best["optimal_loss"] >= -1e-6
     assert lm_loss - best["optimal_loss"] == pytest.approx(0.0, abs=1e-9)
     assert abs(rlm.optimal_loss(num_samples=n, seed=seed)[0] - lm_loss) > 1e-3  # 0..T-1 (the first marginal) is off
@@ -122,6 +122,8 @@ def test_exact_model_has_zero_gap_to_the_optimum(beta):
     per_position, _ = rlm.optimal_loss_per_position(num_samples=n, seed=seed)
     assert best["optimal_last_loss"] == pytest.approx(per_position[-1].item(), abs=1e-12)
     assert best["optimal_loss"] == pytest.approx(per_position[1:].mean().item(), abs=1e-12)
+    assert (best["optimal_loss"], best["optimal_loss_stderr"]) == rlm.optimal_loss(num_samples=n, seed=seed, start=1)
+    assert (best["optimal_last_loss"], best["optimal_last_loss_stderr"]) == rlm.optimal_loss(n, seed, start=-1)
 
 
 def test_optimal_loss_start_is_checked():

@@ -150,6 +150,19 @@ class RandomLanguageModel:
         per_seq = self._sampled_nll(num_samples, seed)[:, positions].mean(-1)  # [n]
         return float(per_seq.mean()), float(per_seq.std() / math.sqrt(num_samples))
 
+    def optimal_losses(self, num_samples: int = 2000, seed: int = 12345) -> dict:
+        """The optima a causal LM is compared with, from one set of samples (each as mean and standard error).
+
+        `optimal_loss`: positions 1..T-1, the positions a causal LM's shifted loss covers (compare its `eval_loss`
+        with this); `optimal_last_loss`: the last position alone (the RLM seed's task). Equal to
+        `optimal_loss(start=1)` and `optimal_loss(start=-1)` with the same arguments, at half the cost.
+        """
+        nll = self._sampled_nll(num_samples, seed)  # [n, T]
+        out = {}
+        for name, per_seq in (("optimal_loss", nll[:, 1:].mean(-1)), ("optimal_last_loss", nll[:, -1])):
+            out[name], out[f"{name}_stderr"] = float(per_seq.mean()), float(per_seq.std() / math.sqrt(num_samples))
+        return out
+
     def _positions(self, start) -> slice:
         if isinstance(start, bool) or not isinstance(start, int) or not -self.seq_len <= start < self.seq_len:
             raise ValueError(f"start must be an integer in [-{self.seq_len}, {self.seq_len}) (a position of the "

@@ -74,14 +74,6 @@ def _metrics(eval_pred):
             "last_accuracy": float((predictions[:, -1] == labels[:, -1]).mean())}
 
 
-def optima(rlm, num_samples: int, seed: int) -> dict:
-    """The exact optima the recipe compares with: over positions 1..T-1 (what the LM loss covers) and the last one."""
-    optimum, stderr = rlm.optimal_loss(num_samples=num_samples, seed=seed, start=1)
-    last, last_stderr = rlm.optimal_loss(num_samples=num_samples, seed=seed, start=-1)
-    return {"optimal_loss": optimum, "optimal_loss_stderr": stderr,
-            "optimal_last_loss": last, "optimal_last_loss_stderr": last_stderr}
-
-
 def main(argv=None) -> dict:
     from rat_hf import RatConfig, RatForCausalLM
     from rat_hf.data import RandomLanguageModel
@@ -96,7 +88,7 @@ def main(argv=None) -> dict:
 
     # ---- the grammar, its optimum, the data ------------------------------------------------------------------------
     rlm = RandomLanguageModel(rlm_args.vocab_size, rlm_args.depth, rlm_args.beta, seed=rlm_args.grammar_seed)
-    best = optima(rlm, rlm_args.optimal_samples, seed=10_000 + args.seed)
+    best = rlm.optimal_losses(num_samples=rlm_args.optimal_samples, seed=10_000 + args.seed)  # positions 1..T-1, last
     logger.info("grammar V=%d depth=%d beta=%.2f: optimal loss %.4f ± %.4f nats/token over positions 1..%d, "
                 "%.4f ± %.4f at the last position (uniform: %.4f)", rlm.vocab_size, rlm_args.depth, rlm_args.beta,
                 best["optimal_loss"], best["optimal_loss_stderr"], rlm.seq_len - 1, best["optimal_last_loss"],
