@@ -125,6 +125,16 @@ def test_load_interactions_single_and_multi_turn(tmp_path):
         load_interactions(bad)
 
 
+def test_load_interactions_names_a_non_utf8_line(tmp_path):
+    path = tmp_path / "int.jsonl"
+    path.write_bytes('{"query": "ok", "answer": "fine"}\n{"query": "caf\xe9", "answer": "x"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"int\.jsonl:2: not UTF-8 text: byte 0xe9"):
+        load_interactions(str(path))
+    path.write_text('{"query": "ok", "answer": "fine"}\n', encoding="utf-16")
+    with pytest.raises(ValueError, match=r"int\.jsonl:1: not UTF-8 text: .*UTF-16"):
+        load_interactions(str(path))
+
+
 def test_tokenize_interaction_masks_the_query(small_tokenizer):
     with pytest.raises(ValueError, match="add_reactive_special_tokens"):
         tokenize_interaction(_without_reactive(), "q", "a")

@@ -18,6 +18,8 @@ import json
 import re
 import warnings
 
+from ._checks import decode_utf8_line
+
 _ROLES = {"user": "user", "prompter": "user", "human": "user", "assistant": "assistant", "bot": "assistant",
           "gpt": "assistant", "system": "system"}
 _MARKERS = re.compile(
@@ -102,16 +104,10 @@ def _parse(record) -> dict:
 
 
 def _decode_line(raw: bytes, lineno: int) -> str:
-    """One line of the file as UTF-8 text; `_Invalid` says why not (UTF-16/32 and Latin-1 are the usual culprits)."""
-    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors) is harmless
-        raw = raw[3:]
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
-        raise _Invalid("not UTF-8 text: NUL bytes or a byte-order mark, as in UTF-16/UTF-32; re-save the file as UTF-8")
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise _Invalid(f"not UTF-8 text: byte 0x{raw[err.start]:02x} at column {err.start + 1} cannot be decoded "
-                       "(Latin-1 or cp1252?); re-save the file as UTF-8") from None
+        return decode_utf8_line(raw, lineno)
+    except ValueError as err:
+        raise _Invalid(str(err)) from None
 
 
 def load_chat_jsonl(path, skip_invalid: bool = False):

@@ -13,7 +13,7 @@ import json
 import random
 
 from ..tokenization.special_tokens import ANSWER_TOKEN, QUERY_TOKEN
-from ._checks import check_int
+from ._checks import check_int, decode_utf8_line
 
 
 def _turn(record, where: str) -> dict:
@@ -41,15 +41,19 @@ def turns(record) -> list:
 
 
 def load_interactions(source):
-    """A `datasets.Dataset` of interactions from a JSONL path or a list of dicts; errors name `path:line`."""
+    """A `datasets.Dataset` of interactions from a UTF-8 JSONL path or a list of dicts; errors name `path:line`."""
     from datasets import Dataset
 
     if isinstance(source, (list, tuple)):
         rows = [normalize_interaction(r, f"records[{i}]") for i, r in enumerate(source)]
     else:
         rows = []
-        with open(source, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with open(source, "rb") as f:  # bytes: a line that is not UTF-8 is named by its line number
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = decode_utf8_line(raw, lineno)
+                except ValueError as err:
+                    raise ValueError(f"{source}:{lineno}: {err}") from None
                 if not line.strip():
                     continue
                 try:
