@@ -13,6 +13,7 @@ loads). This file ships to the Hub as remote code: it imports only the standard 
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 
@@ -69,7 +70,8 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _known_base_keys(config_class) -> set:
+@functools.lru_cache(maxsize=None)
+def _known_base_keys(config_class) -> frozenset:
     keys = set(_BASE_KEYS) | {f.name for f in dataclasses.fields(config_class)}
     try:  # generation parameters in old configs: `PreTrainedConfig` drops them
         from transformers import GenerationConfig
@@ -77,12 +79,13 @@ def _known_base_keys(config_class) -> set:
         keys |= set(GenerationConfig._get_default_generation_params())
     except (ImportError, AttributeError):
         pass
-    return keys
+    return frozenset(keys)
 
 
 def _check_unknown_keys(config_class, kwargs: dict, known: set) -> None:
     """ValueError for a key no field takes (with the close match); only a warning when loading a saved config."""
-    unknown = sorted(set(kwargs) - known - _known_base_keys(config_class))
+    unknown = set(kwargs) - known
+    unknown = sorted(unknown - _known_base_keys(config_class)) if unknown else []
     if not unknown:
         return
     hints = []
