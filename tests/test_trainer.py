@@ -61,7 +61,15 @@ def test_console_log_lines_stay_short(tmp_path, capsys, disable_tqdm):
         trainer.add_callback(ProgressCallback)
         trainer = RatTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
                              data_collator=default_data_collator)
+    seen = []  # what a reporting integration (TensorBoard, trackio, ...) receives: everything
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer.add_callback(Recorder)
     trainer.train()
+    assert "gate/usage/layer_5/policy_3" in seen[0] and "gate/entropy/layer_0" in seen[0]
     captured = capsys.readouterr()
     lines = [line for line in (captured.out + captured.err).splitlines() if "'loss'" in line]
     assert len(lines) == 2, captured
