@@ -184,7 +184,7 @@ def test_the_default_rxt_ids_are_ordinary_characters_in_tiktoken():
     assert big.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["!", '"', "#", "$", "%"]  # what RxTConfig() calls pad..[A]
     with pytest.raises(ValueError, match=r"^config\.vocab_size=32000 but the tokenizer has 100277 tokens"):
         check_tokenizer_matches(RxTConfig(), big)
-    with pytest.raises(ValueError, match=r"^config\.eos_token_id=2 but the tokenizer's EOS '<\|endoftext\|>' is 100257"):
+    with pytest.raises(ValueError, match=r"^config\.eos_token_id=2 but the tokenizer's EOS '<\|endoftext\|>' is 100257;"):
         check_tokenizer_matches(RxTConfig(vocab_size=len(big)), big)
     add_reactive_special_tokens(big)
     config = RxTConfig(vocab_size=len(big), pad_token_id=100257, bos_token_id=100257, eos_token_id=100257)
@@ -216,7 +216,7 @@ def test_from_tokenizer_refuses_what_would_disagree(small):
     from rat_hf import RxTConfig
 
     big = tiktoken_tokenizer()
-    with pytest.raises(ValueError, match=r"the tokenizer has no '\[Q\]' token; add it with .*add_reactive_special_tokens"):
+    with pytest.raises(ValueError, match=r"the tokenizer has no '\[Q\]' token; add it with .*add_reactive_special"):
         RxTConfig.from_tokenizer(big)
     with pytest.raises(ValueError, match=r"eos_token_id=5 differs from the tokenizer's 2"):
         RxTConfig.from_tokenizer(small, eos_token_id=5)

@@ -48,7 +48,8 @@ PRESETS = {
 }
 
 
-# Keys that `PreTrainedConfig` itself takes (or silently drops) besides its dataclass fields, and what `to_dict()` writes.
+# Keys that `PreTrainedConfig` itself takes (or silently drops) besides its dataclass fields, and what `to_dict()`
+# writes.
 _BASE_KEYS = {
     "torch_dtype", "dtype", "num_labels", "id2label", "label2id", "problem_type", "name_or_path", "_name_or_path",
     "_commit_hash", "output_attentions", "attn_implementation", "experts_implementation",

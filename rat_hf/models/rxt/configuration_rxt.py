@@ -38,7 +38,8 @@ ATTENTION_COMPONENTS = ("self", "cross", "encoder", "memory")
 # The reactive tokens' text (as in `rat_hf.tokenization.special_tokens`, which this remote-code file cannot import).
 QUERY_TOKEN, ANSWER_TOKEN = "[Q]", "[A]"
 
-# Keys that `PreTrainedConfig` itself takes (or silently drops) besides its dataclass fields, and what `to_dict()` writes.
+# Keys that `PreTrainedConfig` itself takes (or silently drops) besides its dataclass fields, and what `to_dict()`
+# writes.
 _BASE_KEYS = {
     "torch_dtype", "dtype", "num_labels", "id2label", "label2id", "problem_type", "name_or_path", "_name_or_path",
     "_commit_hash", "output_attentions", "attn_implementation", "experts_implementation",
@@ -279,7 +280,8 @@ class RxTConfig(PreTrainedConfig):
         ids = {}
         for field, token in (("query_token_id", QUERY_TOKEN), ("answer_token_id", ANSWER_TOKEN)):
             token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
+            if (token_id is None or token_id == tokenizer.unk_token_id
+                    or tokenizer.convert_ids_to_tokens(token_id) != token):
                 raise ValueError(f"RxTConfig.from_tokenizer: the tokenizer has no {token!r} token; add it with "
                                  "rat_hf.tokenization.add_reactive_special_tokens(tokenizer)")
             ids[field] = token_id
