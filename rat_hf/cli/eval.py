@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import CLIError, add_model_arguments, int_at_least, load_model, load_text, load_tokenizer, make_parser, \
-    one_line, run_tool
+from ._common import (CLIError, add_model_arguments, int_at_least, load_model, load_text, load_tokenizer, make_parser,
+                      one_line, run_tool)
 
 _RLM_KEYS = {"vocab_size": int, "depth": int, "beta": float, "seed": int}
 DEFAULT_SPLITS = ("heldout", "train", "all")

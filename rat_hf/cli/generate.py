@@ -5,8 +5,8 @@
 
 import argparse
 
-from ._common import CLIError, add_model_arguments, float_in, int_at_least, load_model, load_tokenizer, make_parser, \
-    run_tool
+from ._common import (CLIError, add_model_arguments, float_in, int_at_least, load_model, load_tokenizer, make_parser,
+                      run_tool)
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
