@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from .models.rat import PRESETS, RatConfig, RatForCausalLM, RatForSequenceClassification, RatModel, RatPreTrainedModel
 from .models.rxt import RxTConfig, RxTForCausalLM, RxTModel, RxTPreTrainedModel
+from ._peft import register_peft_defaults
 from .reactive import ReactiveSession
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ def _register() -> None:
     RxTConfig.register_for_auto_class()
     RxTModel.register_for_auto_class("AutoModel")
     RxTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    register_peft_defaults()
 
 
 _register()

@@ -205,3 +205,81 @@ def test_torch_compile_matches_eager():
         eager = model(input_ids=ids).logits
         compiled = torch.compile(model, backend="eager", fullgraph=False)(input_ids=ids).logits
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", "SEQ_CLS"])
+def test_peft_default_target_modules(task_type):
+    """`LoraConfig(task_type=...)` with no `target_modules` works for `rat`, as for Llama (defaults: q_proj, v_proj)."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model() if task_type == "CAUSAL_LM" else RatForSequenceClassification(RatConfig(**TINY, num_labels=2))
+    lora = peft.get_peft_model(model, peft.LoraConfig(task_type=task_type, r=4))
+    adapted = {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for n, _ in lora.named_parameters() if ".lora_A" in n}
+    assert adapted == {"q_proj", "v_proj"}
+    if task_type == "SEQ_CLS":  # the new head trains too
+        assert any("score" in n and p.requires_grad for n, p in lora.named_parameters())
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_reinforce_selectors_get_gradients_under_gradient_checkpointing(use_reentrant):
+    """The sampled log-prob leaves each checkpointed layer as a top-level tensor, so reentrant checkpointing keeps it."""
+    model = tiny_model(gating_mode="reinforce").train()
+    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    selector = [p for n, p in model.named_parameters() if "gate.selector" in n]
+    assert selector and all(p.grad is not None and p.grad.abs().sum() > 0 for p in selector)
+
+
+def test_reinforce_classifier_gates_by_expectation_and_trains_its_selectors():
+    """No per-token reward in a classifier: it gates by the selector's expectation (deterministic in train mode) and
+    its selectors learn from the classification loss instead of being sampled with no policy loss."""
+    torch.manual_seed(0)
+    model = RatForSequenceClassification(RatConfig(**TINY, gating_mode="reinforce", num_labels=2, pad_token_id=0))
+    model.train()
+    ids = torch.randint(3, 97, (2, 9))
+    first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+    selector = [p for n, p in model.named_parameters() if "gate.selector" in n]
+    assert selector and all(p.grad is not None and p.grad.abs().sum() > 0 for p in selector)
+
+
+def test_packed_rows_equal_separate_rows_in_training_mode_with_reinforce_off():
+    """Packed == separate for the training loss too (the convolution restarts at each document)."""
+    model = tiny_model(conv_kernel_size=4).eval()
+    docs = [torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 2, 8)]
+    packed = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    labels = torch.cat([torch.cat([d[:1].new_full((1,), -100), d[1:]]) for d in docs])[None]  # no cross-document target
+    with torch.no_grad():
+        packed_loss = model(input_ids=packed, position_ids=position_ids, labels=labels).loss
+        token_losses = [model(input_ids=d[None], labels=d[None]).loss * (len(d) - 1) for d in docs]
+    torch.testing.assert_close(packed_loss, sum(token_losses) / sum(len(d) - 1 for d in docs), atol=1e-5, rtol=0)
+
+
+def test_sft_trainer_packing_equals_separate_documents(tmp_path):
+    """TRL's `SFTTrainer(packing=True)` batches: each document's logits inside the packed row equal it alone."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    model = tiny_model(conv_kernel_size=4)
+    docs = [[int(t) for t in torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(n))] for n in (6, 3, 9, 4)]
+    dataset = datasets.Dataset.from_dict({"input_ids": docs})
+    args = trl.SFTConfig(output_dir=str(tmp_path), packing=True, max_length=32, per_device_train_batch_size=1,
+                         max_steps=1, report_to=[], use_cpu=True, bf16=False, dataset_num_proc=None)
+    from rat_hf.tokenization import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["a tiny text for a tiny tokenizer"] * 4, vocab_size=300)  # collation needs one
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "position_ids" in batch and (batch["position_ids"][0] == 0).sum() > 1, "expected several packed documents"
+    model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    for start, end in zip(starts[:-1], starts[1:]):
+        with torch.no_grad():
+            alone = model(input_ids=batch["input_ids"][:, start:end]).logits[0]
+        torch.testing.assert_close(packed[start:end], alone, atol=2e-5, rtol=0)
+    trainer.train()  # and it trains on such batches

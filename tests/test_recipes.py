@@ -220,3 +220,18 @@ def test_build_data_trains_on_training_documents_and_evaluates_the_held_out_ones
     held_rows = {tuple(r) for r in evaluation["input_ids"]}
     assert not any(tuple(r) in held_rows for r in train["input_ids"])
     assert record["split"] == "documents"
+
+
+def test_pretrain_rlm_optimum_covers_the_positions_the_eval_loss_covers():
+    """`rlm_gap_to_optimum` compares the shifted eval loss (positions 1..T-1) with the optimum over 1..T-1, not 0..T-1
+    (which includes the first token's marginal and made a perfect model's gap negative)."""
+    from rat_hf.data import RandomLanguageModel
+    from rat_hf.recipes.pretrain import DataArguments, build_data
+
+    data = DataArguments(dataset="rlm", rlm_vocab_size=8, rlm_depth=3, rlm_beta=2.0, rlm_seed=0,
+                         rlm_train_sequences=64)
+    *_, extra, _ = build_data(data, seed=0)
+    rlm = RandomLanguageModel(8, 3, 2.0, seed=0)
+    assert extra["rlm_optimal_loss"] == pytest.approx(rlm.optimal_loss(num_samples=2000, seed=2, start=1)[0])
+    assert extra["rlm_optimal_last_loss"] == pytest.approx(rlm.optimal_loss(num_samples=2000, seed=2, start=-1)[0])
+    assert extra["rlm_optimal_loss"] != pytest.approx(rlm.optimal_loss(num_samples=2000, seed=2)[0])

@@ -119,11 +119,13 @@ def build_data(data: DataArguments, seed: int):
         train = rlm.dataset(data.rlm_train_sequences, seed=seed).map(lambda b: {"labels": b["input_ids"]}, batched=True)
         evaluation = rlm.dataset(max(64, int(data.rlm_train_sequences * data.eval_fraction)), seed=seed + 1)
         evaluation = evaluation.map(lambda b: {"labels": b["input_ids"]}, batched=True)
-        optimum, stderr = rlm.optimal_loss(num_samples=2000, seed=seed + 2)
+        # positions 1..T-1, the ones the shifted eval loss covers (the first token's marginal is never predicted),
+        # and the last position alone (the seed's task)
+        optima = {f"rlm_{k}": v for k, v in rlm.optimal_losses(num_samples=2000, seed=seed + 2).items()}
         label = f"rlm(V={data.rlm_vocab_size},depth={data.rlm_depth},beta={data.rlm_beta},seed={data.rlm_seed})"
         record.update(seq_len=rlm.seq_len, split="fresh sequences", rlm_vocab_size=data.rlm_vocab_size,
                       rlm_depth=data.rlm_depth, rlm_beta=data.rlm_beta, rlm_seed=data.rlm_seed)
-        return train, evaluation, None, label, {"rlm_optimal_loss": optimum, "rlm_optimal_loss_stderr": stderr}, record
+        return train, evaluation, None, label, optima, record
 
     if data.dataset == "default":
         texts = default_text_corpus(max_docs=data.max_docs)
