@@ -235,3 +235,12 @@ def test_pretrain_rlm_optimum_covers_the_positions_the_eval_loss_covers():
     assert extra["rlm_optimal_loss"] == pytest.approx(rlm.optimal_loss(num_samples=2000, seed=2, start=1)[0])
     assert extra["rlm_optimal_last_loss"] == pytest.approx(rlm.optimal_loss(num_samples=2000, seed=2, start=-1)[0])
     assert extra["rlm_optimal_loss"] != pytest.approx(rlm.optimal_loss(num_samples=2000, seed=2)[0])
+
+
+@pytest.mark.parametrize("model", [None, {}, [1, 2]])
+def test_seed_layout_with_an_empty_model_section_is_refused(model):
+    """The seed JSON's `"model": null` used to train the `small` preset without a word."""
+    from rat_hf.recipes._config import from_seed_layout
+
+    with pytest.raises(ValueError, match='"model" must be a mapping'):
+        from_seed_layout({"model": model, "trainer": {"learning_rate": 1e-3}}, "seed.json")

@@ -49,8 +49,12 @@ def from_seed_layout(data: dict, path: str = "<config>") -> dict:
     unknown = set(data) - {"model", "trainer", "dataset", "tokenizer_path"}
     if unknown:
         raise ValueError(f"--config {path!r}: unknown top-level keys {sorted(unknown)} in the seed's config layout")
-    if data.get("model"):
-        flat["model_config_overrides"] = dict(data["model"])
+    if "model" in data:
+        model = data["model"]
+        if not isinstance(model, dict) or not model:  # `"model": null` used to fall back to the preset silently
+            raise ValueError(f"--config {path!r}: \"model\" must be a mapping of model fields (the seed's d_model, "
+                             f"n_layers, ... or RatConfig's), got {model!r}; leave the key out to train a --preset")
+        flat["model_config_overrides"] = dict(model)
     for section, mapping in (("trainer", _SEED_TRAINER_KEYS), ("dataset", _SEED_DATASET_KEYS)):
         for key, value in (data.get(section) or {}).items():
             if key not in mapping:
