@@ -1,6 +1,20 @@
 import secrets
+from importlib import metadata
 
 import pytest
+
+PACKAGES = ["torch", "transformers", "huggingface_hub", "accelerate", "peft", "trl", "datasets", "tokenizers"]
+
+
+def pytest_report_header(config):
+    """Which versions this run tested (each leg of the CI matrix prints its own)."""
+    versions = []
+    for name in PACKAGES:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    return "versions: " + ", ".join(versions)
 
 
 @pytest.fixture

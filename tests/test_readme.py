@@ -5,6 +5,7 @@
 * Every command of the ```bash blocks is checked, not run in full (training runs take minutes; the main job and
   `rat-train`'s tiny config already run in tests/test_recipes.py):
   - `pip install ... -e ".[extra]"`: each extra is declared in pyproject.toml;
+  - `pip install nox && nox [-s SESSION]`: noxfile.py defines the sessions;
   - `python -m MODULE`: the module exists (`python -m pytest`: the tests folder exists);
   - `python recipes/X.py ARGS`, `accelerate launch --config_file F recipes/X.py ARGS`, `rat-train ARGS`: the script
     or console script exists, F is an accelerate config accelerate itself loads, and ARGS (with their `--config`
@@ -109,10 +110,18 @@ def check_console_script(name: str, args: list[str], monkeypatch, capsys) -> Non
 @pytest.mark.parametrize("command", bash_commands(), ids=lambda c: " ".join(c.split()[:3]))
 def test_bash_command_is_valid(command, monkeypatch, capsys):
     argv = shlex.split(command)
-    if argv[:2] == ["pip", "install"]:
+    if argv[:3] == ["pip", "install", "nox"]:
+        assert len(argv) == 3, command
+    elif argv[:2] == ["pip", "install"]:
         for extra in re.findall(r"\[(\w+)\]", command):
             assert extra in PYPROJECT["project"]["optional-dependencies"], f"{command}: no extra [{extra}]"
         assert any(a.startswith("-e") for a in argv) and (ROOT / "pyproject.toml").exists()
+    elif argv[0] == "nox":  # the test matrix: every session named exists in noxfile.py
+        noxfile = (ROOT / "noxfile.py").read_text()
+        sessions = argv[argv.index("-s") + 1 :] if "-s" in argv else []
+        assert len(argv) == 1 or sessions, command
+        for name in sessions:
+            assert re.search(rf"^@nox\.session\ndef {name}\(", noxfile, flags=re.M), f"{command}: no session {name}"
     elif argv[:3] == ["python", "-m", "pytest"]:
         assert (ROOT / "tests").is_dir()
     elif argv[:2] == ["python", "-m"]:
