@@ -438,3 +438,25 @@ def test_config_round_trips_through_dict():
     again = RxTConfig.from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict()
     assert again.attention_heads("xsqa") == (1, 1) and again.attention_heads("sqa") == (2, 2)
+
+
+def test_peft_default_target_modules():
+    """`LoraConfig(task_type="CAUSAL_LM")` with no `target_modules` works for `rxt` (Llama's defaults: q_proj, v_proj)."""
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(tiny_model(), peft.LoraConfig(task_type="CAUSAL_LM", r=4))
+    adapted = {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for n, _ in lora.named_parameters() if ".lora_A" in n}
+    assert adapted == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_tensor_parallel_plan_covers_every_decoder_projection(moe):
+    """`tp_plan="auto"` shards what the plan names: every decoder Linear but the MoE router must match a pattern (the
+    plan used to name `mlp.gate_proj`, which matches nothing in the MoE decoder's `mlp.experts.*`)."""
+    import re
+
+    config = RxTConfig(**TINY, **(dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) if moe else {}))
+    model = RxTModel(config)
+    patterns = [re.compile(re.escape(key).replace(r"\*", r"\d+") + "$") for key in config.base_model_tp_plan]
+    for name, module in model.layers.named_modules(prefix="layers"):
+        if isinstance(module, torch.nn.Linear) and not name.endswith("router"):
+            assert any(p.match(name) for p in patterns), f"{name} is not in base_model_tp_plan"

@@ -10,6 +10,8 @@ Everything about training — schedules, clipping, accumulation, mixed precision
   `trainer_state.json`) and to the reporting integrations (TensorBoard, trackio, ...), not to the console: the
   printed line (tqdm or `disable_tqdm=True`) keeps only the summary, floats to 4 significant digits;
 - `eval_perplexity` next to `eval_loss`;
+- DDP set up for models whose forward can leave parameters unused (RxT's encoder and memory attention in a step
+  without a memory update), which `Trainer`'s default stops on when gradient checkpointing is on (`_ddp.py`);
 - a check of a checkpoint before resuming from it: a missing, truncated or unreadable file (weights, `optimizer.pt`,
   `scheduler.pt`, `trainer_state.json`, the RNG state) is reported by name in one line instead of surfacing as a
   deserialisation error deep inside torch, or as a `{}` state silently restarting at step 0.
@@ -33,11 +35,19 @@ from collections import defaultdict
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerState
 
+from ._ddp import configure_ddp_for_unused_parameters, logger as _ddp_logger
+
 
 class RatTrainer(Trainer):
     """`Trainer` with RAT's loss parts and gating statistics in the logs. Same constructor as `Trainer`."""
 
     def __init__(self, *args, **kwargs):
+        # before `Trainer.__init__` builds the accelerator: a Reactive Transformer's LM steps leave its encoder and
+        # memory attention unused, which DDP must be told (see `_ddp.py`)
+        model, training_args = kwargs.get("model", args[0] if args else None), kwargs.get(
+            "args", args[1] if len(args) > 1 else None)
+        if (chosen := configure_ddp_for_unused_parameters(model, training_args)) is not None:
+            _ddp_logger.info("RatTrainer: %s", chosen)
         super().__init__(*args, **kwargs)
         self._rat_sums: dict[str, float] = defaultdict(float)
         self._rat_counts: dict[str, int] = defaultdict(int)

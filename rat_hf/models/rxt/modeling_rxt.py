@@ -490,6 +490,9 @@ class RxTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the per-turn memory keys/values ride on the cache object
+    # The LM forward runs the decoder only (the encoder and memory attention run in `update_memory`): DDP must look
+    # for unused parameters. rat_hf's trainers read this; with a plain `Trainer` pass `ddp_find_unused_parameters=True`.
+    _forward_may_leave_parameters_unused = True
     _can_record_outputs = {
         "hidden_states": RxTDecoderLayer,
         "attentions": OutputRecorder(RxTAttention, index=1, layer_name="self_attn"),

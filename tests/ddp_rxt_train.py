@@ -1,0 +1,24 @@
+"""Run by tests/test_ddp.py under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): a few LM-only
+steps of a tiny Reactive Transformer with gradient checkpointing. argv: output_dir, trainer (plain|rat), reentrant."""
+
+import sys
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from rat_hf import RxTConfig, RxTForCausalLM
+from rat_hf.trainers import RatTrainer
+
+output_dir, trainer_name, reentrant = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+torch.manual_seed(0)
+model = RxTForCausalLM(RxTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, stm_size=8))
+rows = torch.randint(3, 97, (16, 12), generator=torch.Generator().manual_seed(0))
+args = TrainingArguments(output_dir=output_dir, max_steps=3, per_device_train_batch_size=2, gradient_checkpointing=True,
+                         gradient_checkpointing_kwargs={"use_reentrant": reentrant}, report_to=[], use_cpu=True,
+                         save_strategy="no", disable_tqdm=True)
+trainer_class = RatTrainer if trainer_name == "rat" else Trainer
+before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+trainer_class(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows]).train()
+assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
+print("DDP_OK", trainer_class.__name__, f"reentrant={reentrant}")
