@@ -189,7 +189,10 @@ class RAT(RatForCausalLM):
 
     def _seed_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, past_kvs=None, use_cache: bool = False):
         out = super().__call__(input_ids=x, attention_mask=mask, past_key_values=past_kvs, use_cache=use_cache)
-        return (out.logits, out.past_key_values) if use_cache else out.logits
+        if not use_cache:
+            return out.logits
+        # the output's cache field is `cache` from transformers 5.24 (`past_key_values` still works there, with a warning)
+        return out.logits, (out.cache if hasattr(out, "cache") else out.past_key_values)
 
     def save_pretrained(self, *args, **kwargs):
         """Saved as a `RatForCausalLM` (config `architectures`, `auto_map` and the copied modeling file)."""

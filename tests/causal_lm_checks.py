@@ -270,7 +270,8 @@ class CausalLMChecks:
         plain.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad()
-        model.gradient_checkpointing_enable()
+        # `activation_checkpointing_enable` from transformers 5.2x (the old name warns there), only the old one in 5.17
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         torch.manual_seed(1)
         ckpt = model(input_ids=ids, labels=ids, **self.extra_inputs(model, 2)).loss
         ckpt.backward()

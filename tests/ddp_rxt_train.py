@@ -21,4 +21,5 @@ trainer_class = RatTrainer if trainer_name == "rat" else Trainer
 before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
 trainer_class(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows]).train()
 assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
-print("DDP_OK", trainer_class.__name__, f"reentrant={reentrant}")
+sys.stdout.write(f"DDP_OK {trainer_class.__name__} reentrant={reentrant}\n")  # one write: the two ranks interleave
+sys.stdout.flush()

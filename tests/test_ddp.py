@@ -37,7 +37,7 @@ def launch(tmp_path, trainer: str, reentrant: bool) -> subprocess.CompletedProce
 def test_rxt_trains_under_ddp_with_gradient_checkpointing(tmp_path, reentrant):
     result = launch(tmp_path, "rat", reentrant)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("DDP_OK RatTrainer") == 2
+    assert result.stdout.count("DDP_OK") == 2, result.stdout[-2000:]
 
 
 def test_choice_follows_the_checkpointing_kind_and_leaves_user_choices(tmp_path):
