@@ -29,7 +29,8 @@ def configure_ddp_for_unused_parameters(model, args) -> str | None:
     if args.ddp_find_unused_parameters is not None or args.ddp_static_graph is not None:
         return None  # the user decided
     checkpointing, kwargs = _checkpointing(args)
-    model_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    model_checkpointing = bool(getattr(model, "is_activation_checkpointing", None)  # 5.2x's name; the old one warns
+                               or getattr(model, "is_gradient_checkpointing", False))
     if (checkpointing or model_checkpointing) and kwargs.get("use_reentrant", False):
         args.ddp_static_graph = True
         return "ddp_static_graph=True (reentrant checkpointing with parameters the forward may not use)"
