@@ -230,6 +230,14 @@ class CausalLMChecks:
         torch.testing.assert_close(batched[0], self.logits(model, long_row)[0], atol=ATOL, rtol=0)
         torch.testing.assert_close(batched[1, 4:], self.logits(model, short_row)[0], atol=ATOL, rtol=0)
 
+    def test_left_padded_batch_without_position_ids_equals_unbatched(self, model):
+        """A plain `model(ids, attention_mask=mask)`: positions must come from the mask (RxT's memory reads depend on
+        absolute positions: rotated queries meet unrotated slots)."""
+        long_row, short_row, batch, mask = self.left_padded_batch(model)
+        batched = self.logits(model, batch, attention_mask=mask)
+        torch.testing.assert_close(batched[0], self.logits(model, long_row)[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(batched[1, 4:], self.logits(model, short_row)[0], atol=ATOL, rtol=0)
+
     def test_left_padded_generate_equals_unbatched(self, model):
         long_row, short_row, batch, mask = self.left_padded_batch(model)
         kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
