@@ -35,11 +35,14 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 SCRIPTS = PYPROJECT["project"]["scripts"]  # console script -> "module:function"
 
-# recipe script / console script -> (module, its argument dataclasses besides TrainingArguments)
+# recipe script / console script -> (module, its argument dataclasses besides TrainingArguments; a recipe whose
+# dataclasses include its own training config, named *Config, takes no TrainingArguments)
 RECIPES = {
     "recipes/pretrain_rat.py": ("rat_hf.recipes.pretrain", ("ModelArguments", "DataArguments", "HubArguments")),
     "rat-train": ("rat_hf.recipes.pretrain", ("ModelArguments", "DataArguments", "HubArguments")),
     "recipes/rlm_next_token.py": ("rat_hf.recipes.rlm_next_token", ("RLMArguments", "ModelArguments")),
+    "recipes/attention_guided_rl.py": ("rat_hf.recipes.attention_guided_rl",
+                                       ("ModelArguments", "DataArguments", "AttentionGuidedConfig")),
 }
 
 
@@ -86,7 +89,9 @@ def parse_recipe_args(recipe: str, argv: list[str]):
         if config.get("bf16") and not torch.cuda.is_available():
             argv += ["--use_cpu", "true"]  # TrainingArguments refuses bf16 without a GPU unless told to use the CPU
     try:
-        return parse_args((*[getattr(module, n) for n in names], TrainingArguments), argv)
+        types = [getattr(module, n) for n in names]
+        own_config = any(n.endswith("Config") for n in names)
+        return parse_args((*types,) if own_config else (*types, TrainingArguments), argv)
     except SystemExit as e:  # argparse's error()
         pytest.fail(f"{recipe} {shlex.join(argv)}: the recipe's parser exits with {e.code}")
 

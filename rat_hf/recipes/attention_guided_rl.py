@@ -17,6 +17,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from rat_hf.curriculum import AttentionGuidedConfig
+
 logger = logging.getLogger("rat_hf.curriculum")
 
 DATASETS = ("corpus", "wikipedia", "twenty_questions", "define_recall")
@@ -109,14 +111,13 @@ def build(margs: ModelArguments, d: DataArguments, seed: int):
 
 
 def main(argv=None) -> list:
-    from rat_hf.curriculum import AttentionGuidedConfig, AttentionGuidedTrainer
+    from rat_hf.curriculum import AttentionGuidedTrainer
     from rat_hf.recipes._config import parse_args
 
     margs, dargs, args = parse_args((ModelArguments, DataArguments, AttentionGuidedConfig), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
-    # ---- model ---------------------------------------------------------------------------------------------------------
-    # ---- data ----------------------------------------------------------------------------------------------------------
+    # ---- model and data (a fresh RAT's vocabulary comes from the data's tokenizer) -------------------------------------
     model, source, tokenizer = build(margs, dargs, args.seed)
     logger.info("model %s (%.2fM parameters), dataset %s", type(model).__name__,
                 sum(p.numel() for p in model.parameters()) / 1e6, dargs.dataset)
