@@ -19,6 +19,7 @@ definitions-before-recall rate over updates).
 """
 
 import argparse
+import copy
 import datetime
 import json
 import logging
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from rat_hf.curriculum import AttentionGuidedConfig, AttentionGuidedTrainer, DefineRecallPools, collate
-from rat_hf.curriculum.policy import assemble, rollout, sequence_reward
+from rat_hf.curriculum.policy import assemble, rollout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -89,8 +90,6 @@ def run_seed(seed: int, a, src) -> dict:
     held_out = src.sample(random.Random(99_000 + seed), a.eval_pools)
     out = {"seed": seed, "pretrain_s": pretrain_s}
     for name, shuffle in (("policy", False), ("shuffled", True)):
-        import copy
-
         args = AttentionGuidedConfig(
             output_dir=os.path.join(a.output_dir, f"seed{seed}_{name}"), episodes=a.updates, batch_size=a.batch_size,
             num_rollouts=a.num_rollouts, learning_rate=a.lr, kl_coef=a.kl_coef, shuffle_rewards=shuffle,

@@ -61,7 +61,8 @@ class AttentionProbe:
                              "num_attention_heads), so the attention probe cannot split heads")
         self.head_dim = head_dim
         if self.layout == "fused":
-            width = getattr(self.module.c_attn, "base_layer", self.module.c_attn).weight.shape[-1] // 3  # Conv1D: [in, 3D]
+            fused = getattr(self.module.c_attn, "base_layer", self.module.c_attn)  # a LoRA wrapper keeps it
+            width = fused.weight.shape[-1] // 3  # Conv1D weight: [in, 3 * D]
             q_width = k_width = width
         else:
             q_width, k_width = self._out_features(self.module.q_proj), self._out_features(self.module.k_proj)

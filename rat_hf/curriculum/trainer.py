@@ -65,7 +65,7 @@ class AttentionGuidedTrainer:
         self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
         self.episode, self.history = 0, []
 
-    # ---- setup ---------------------------------------------------------------------------------------------------------
+    # ---- setup -------------------------------------------------------------------------------------------------------
     def _freeze_unreachable(self) -> None:
         """Freeze adapter tensors with no path to the probe's q/k (their gradient would always be None)."""
         batch = self._batch(self.pools.sample(random.Random(-1), 1), 1)
@@ -85,7 +85,7 @@ class AttentionGuidedTrainer:
         batch = collate(pools, self.pad_token_id)
         return {k: v.repeat_interleave(repeats, 0).to(self.device) for k, v in batch.items()}
 
-    # ---- scoring -------------------------------------------------------------------------------------------------------
+    # ---- scoring -----------------------------------------------------------------------------------------------------
     def rewards(self, batch: dict, orders: torch.Tensor) -> torch.Tensor:
         """`[B]` evaluator log-prob of the scored values (minus the reference's, when one is given)."""
         ids, mask, score = assemble(batch, orders)
@@ -102,7 +102,7 @@ class AttentionGuidedTrainer:
         fn = getattr(self.pools, "order_metrics", None)
         return fn(pools, orders.cpu()) if fn is not None else {}
 
-    # ---- one episode ---------------------------------------------------------------------------------------------------
+    # ---- one episode -------------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
         args, g = self.args, self.args.num_rollouts
         pools = self.pools.sample(self.rng, args.batch_size)
@@ -156,7 +156,7 @@ class AttentionGuidedTrainer:
             plot_history(self.history, os.path.join(args.output_dir, "training.png"))
         return self.history
 
-    # ---- checkpoints ---------------------------------------------------------------------------------------------------
+    # ---- checkpoints -------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
         path = os.path.join(self.args.output_dir, f"checkpoint-{self.episode}")
         os.makedirs(path, exist_ok=True)

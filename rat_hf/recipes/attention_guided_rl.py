@@ -117,16 +117,16 @@ def main(argv=None) -> list:
     margs, dargs, args = parse_args((ModelArguments, DataArguments, AttentionGuidedConfig), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
-    # ---- model and data (a fresh RAT's vocabulary comes from the data's tokenizer) -------------------------------------
+    # ---- model and data (a fresh RAT's vocabulary comes from the data's tokenizer) -----------------------------------
     model, source, tokenizer = build(margs, dargs, args.seed)
     logger.info("model %s (%.2fM parameters), dataset %s", type(model).__name__,
                 sum(p.numel() for p in model.parameters()) / 1e6, dargs.dataset)
 
-    # ---- training ------------------------------------------------------------------------------------------------------
+    # ---- training ----------------------------------------------------------------------------------------------------
     trainer = AttentionGuidedTrainer(model, args, source)
     history = trainer.train(resume_from_checkpoint=True if margs.resume else None)
 
-    # ---- save ----------------------------------------------------------------------------------------------------------
+    # ---- save --------------------------------------------------------------------------------------------------------
     trainer.model.save_pretrained(args.output_dir)  # the final adapter, next to the checkpoints
     if tokenizer is not None:
         tokenizer.save_pretrained(args.output_dir)
