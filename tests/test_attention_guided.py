@@ -243,3 +243,27 @@ def test_recipe_on_local_wikipedia_files_and_resume(tmp_path):
     assert len(history) == 2 and (tmp_path / "out" / "checkpoint-2").is_dir()
     history = main(argv[:-6] + ["--episodes", "3", "--save_steps", "1", "--plot", "false", "--resume"])
     assert [h["episode"] for h in history] == [1, 2, 3]
+
+
+def test_collate_pads_keys_left_values_right_and_a_padded_batch_trains(tmp_path):
+    pools = [{"prompt_ids": [1], "pairs": [{"key_ids": [2, 5], "value_ids": [9], "scored": True},
+                                           {"key_ids": [3], "value_ids": [10, 11, 12], "scored": False}]},
+             {"prompt_ids": [1, 4], "pairs": [{"key_ids": [6], "value_ids": [13, 14], "scored": True},
+                                              {"key_ids": [7, 8], "value_ids": [15], "scored": True}]}]
+    batch = collate(pools, pad_token_id=0)
+    assert batch["prompt_ids"].tolist() == [[0, 1], [1, 4]] and batch["key_ids"][0, 1].tolist() == [0, 3]
+    assert batch["value_ids"][0, 0].tolist() == [9, 0, 0] and batch["value_mask"][0, 0].tolist() == [1, 0, 0]
+    ids, mask, score = assemble(batch, torch.tensor([[1, 0], [0, 1]]))
+    assert ids[0].tolist() == [0, 1, 0, 3, 10, 11, 12, 2, 5, 9, 0, 0]
+    assert [ids[0, t].item() for t in range(ids.shape[1]) if score[0, t]] == [9]  # padding and unscored values out
+    assert mask[0].tolist() == [0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+
+    class Source:
+        pad_token_id = 0
+
+        def sample(self, rng, n):
+            return [pools[rng.randrange(2)] for _ in range(n)]
+
+    torch.manual_seed(0)
+    trainer = AttentionGuidedTrainer(_llama(), _args(tmp_path, episodes=2), Source())
+    assert all(math.isfinite(h["reward"]) for h in trainer.train())
