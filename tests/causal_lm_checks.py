@@ -105,13 +105,9 @@ class CausalLMChecks:
         )
         return out.sequences, torch.stack(out.logits, dim=1)
 
-    def assert_logits_match_full_forward(self, model, sequences, step_logits, prompt_len, attention_mask=None):
-        """Step t's logits equal a full forward over the final sequence at position prompt_len + t - 1."""
-        if attention_mask is not None:
-            new = sequences.shape[1] - attention_mask.shape[1]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], new)], dim=1)
-        kw = {"attention_mask": attention_mask} if attention_mask is not None else {}
-        full = self.logits(model, sequences, **kw)[:, prompt_len - 1 : -1]
+    def assert_logits_match_full_forward(self, model, sequences, step_logits, prompt_len):
+        """Step t's logits equal a full forward over the final (unpadded) sequence at position prompt_len + t - 1."""
+        full = self.logits(model, sequences)[:, prompt_len - 1 : -1]
         torch.testing.assert_close(step_logits, full, atol=LOGIT_ATOL, rtol=0)
 
     @pytest.mark.parametrize("seed", SEEDS)
@@ -270,7 +266,11 @@ class CausalLMChecks:
         assert len(out.attentions) == config.num_hidden_layers
         assert out.attentions[0].shape[-2:] == (7, 7)
 
-    def test_gradient_checkpointing_matches(self, model):
+    @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+    @pytest.mark.parametrize("with_cache", [False, True], ids=["", "with-cache"])
+    def test_gradient_checkpointing_matches(self, model, use_reentrant, with_cache):
+        """Same loss and gradients with checkpointing, also when the caller passes a cache (a recomputed layer must
+        not write into it twice: transformers 5.17 only drops a kwarg named `past_key_values`)."""
         ids = self.ids(model, 2, 8)
         model.train()
         torch.manual_seed(1)
@@ -278,10 +278,13 @@ class CausalLMChecks:
         plain.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad()
-        # `activation_checkpointing_enable` from transformers 5.2x (the old name warns there), only the old one in 5.17
-        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x's name (the old one warns there)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        cache = {"cache": DynamicCache(config=model.config), "use_cache": True} if with_cache else {}
         torch.manual_seed(1)
-        ckpt = model(input_ids=ids, labels=ids, **self.extra_inputs(model, 2)).loss
+        ckpt = model(input_ids=ids, labels=ids, **cache, **self.extra_inputs(model, 2)).loss
         ckpt.backward()
         torch.testing.assert_close(ckpt, plain)
         for n, p in model.named_parameters():

@@ -285,3 +285,21 @@ def test_sft_trainer_packing_equals_separate_documents(tmp_path):
             alone = model(input_ids=batch["input_ids"][:, start:end]).logits[0]
         torch.testing.assert_close(packed[start:end], alone, atol=2e-5, rtol=0)
     trainer.train()  # and it trains on such batches
+
+
+def test_classifier_trains_with_trainer_on_a_dataset(tmp_path):
+    """`Trainer` keeps only the columns `forward`'s signature names (`remove_unused_columns`): the classifier's forward
+    must keep `input_ids`/`labels` in its signature."""
+    datasets = pytest.importorskip("datasets")
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = RatForSequenceClassification(RatConfig(**TINY, gating_mode="reinforce", num_labels=2, pad_token_id=0))
+    rows = torch.randint(3, 97, (8, 6), generator=torch.Generator().manual_seed(0)).tolist()
+    dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": [i % 2 for i in range(8)], "text": ["x"] * 8})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", learning_rate=1e-2)
+    Trainer(model=model, args=args, train_dataset=dataset).train()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged, unchanged

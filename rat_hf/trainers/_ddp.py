@@ -10,15 +10,24 @@ have finished reduction in the prior iteration". Models that can do this say so 
 """
 
 import logging
+import warnings
 
 logger = logging.getLogger("rat_hf.trainers")
 
 
-def _checkpointing(args) -> tuple[bool, dict]:
-    """(on?, kwargs) under either name (`gradient_checkpointing*` before transformers 5.2x, `activation_*` after)."""
+def _reentrant(model, args) -> bool | None:
+    """Whether gradient checkpointing is on and reentrant (None: off), from the arguments or the model itself."""
     on = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
-    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs", None)
-    return on, dict(kwargs or {})
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(
+        args, "gradient_checkpointing_kwargs", None)
+    if on:
+        return bool((kwargs or {}).get("use_reentrant", False))  # transformers' default is non-reentrant
+    # enabled on the model before the Trainer was built: its layers hold the checkpoint function and its keywords
+    for module in model.modules():
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and function is not None:
+            return bool(getattr(function, "keywords", {}).get("use_reentrant", False))
+    return None
 
 
 def configure_ddp_for_unused_parameters(model, args) -> str | None:
@@ -28,11 +37,15 @@ def configure_ddp_for_unused_parameters(model, args) -> str | None:
         return None
     if args.ddp_find_unused_parameters is not None or args.ddp_static_graph is not None:
         return None  # the user decided
-    checkpointing, kwargs = _checkpointing(args)
-    model_checkpointing = bool(getattr(model, "is_activation_checkpointing", None)  # 5.2x's name; the old one warns
-                               or getattr(model, "is_gradient_checkpointing", False))
-    if (checkpointing or model_checkpointing) and kwargs.get("use_reentrant", False):
-        args.ddp_static_graph = True
-        return "ddp_static_graph=True (reentrant checkpointing with parameters the forward may not use)"
-    args.ddp_find_unused_parameters = True
-    return "ddp_find_unused_parameters=True (the forward may leave parameters unused)"
+    if not _reentrant(model, args):
+        args.ddp_find_unused_parameters = True
+        return "ddp_find_unused_parameters=True (the forward may leave parameters unused)"
+    # Reentrant checkpointing: DDP cannot search for unused parameters, only assume the same ones every step (a static
+    # graph). That holds for LM-only steps of a dense decoder; a MoE decoder uses different experts every step.
+    if getattr(getattr(model, "config", None), "num_experts", 0):
+        warnings.warn("DDP with reentrant gradient checkpointing cannot train a model whose steps use different "
+                      "parameters (MoE experts): use gradient_checkpointing_kwargs={'use_reentrant': False}",
+                      stacklevel=3)
+        return None
+    args.ddp_static_graph = True
+    return "ddp_static_graph=True (reentrant checkpointing; the same parameters must be used at every step)"

@@ -44,8 +44,8 @@ class RatTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         # before `Trainer.__init__` builds the accelerator: a Reactive Transformer's LM steps leave its encoder and
         # memory attention unused, which DDP must be told (see `_ddp.py`)
-        model, training_args = kwargs.get("model", args[0] if args else None), kwargs.get(
-            "args", args[1] if len(args) > 1 else None)
+        model = kwargs.get("model", args[0] if args else None)
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if (chosen := configure_ddp_for_unused_parameters(model, training_args)) is not None:
             _ddp_logger.info("RatTrainer: %s", chosen)
         super().__init__(*args, **kwargs)

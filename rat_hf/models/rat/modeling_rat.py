@@ -33,12 +33,14 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rat import RatConfig
 
+
+logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed the cache argument `past_key_values` -> `cache` (generate() passes `cache=`, the mask
 # helpers take `cache`, outputs carry `.cache`); 5.17-5.23 use `past_key_values`. Each model accepts both names and
@@ -283,11 +285,19 @@ def causal_depthwise_conv(
 def document_tap_mask(position_ids: torch.Tensor, kernel_size: int, dtype: torch.dtype) -> torch.Tensor:
     """`[B, T, K]`: tap k of step t (the input K-1-k steps back) lies in t's document.
 
-    Positions count from 0 within each document (TRL's padding-free batches, `DataCollatorWithFlattening`, left-padded
-    rows), so the input s steps back is in the same document exactly when position >= s.
+    A document starts wherever the positions do not step by +1 (TRL's padding-free rows restart at 0; the rule is
+    `create_causal_mask`'s, so attention and convolution split rows alike) and at a row starting at position 0. A row
+    continuing a cached sequence (chunked prefill, positions from the cache length) has no start: every tap reads.
+    Limit: one-token decoding takes no mask, so decoding after a packed prefill whose last document is shorter than
+    K-1 reads the previous document's inputs from the conv state (attention's cache mixes them the same way).
     """
+    seq_len = position_ids.shape[-1]
+    steps = torch.arange(seq_len, device=position_ids.device)  # [T]
+    starts = torch.diff(position_ids, dim=-1, prepend=position_ids[..., :1] - 1) != 1  # [B, T]
+    starts[..., 0] = position_ids[..., 0] == 0
+    last_start = torch.cummax(torch.where(starts, steps, -kernel_size), dim=-1).values  # [B, T]
     back = torch.arange(kernel_size - 1, -1, -1, device=position_ids.device)  # [K]: K-1 ... 0 steps back
-    return (position_ids[..., None] >= back).to(dtype)
+    return ((steps - last_start)[..., None] >= back).to(dtype)
 
 
 class RatTemporalConv(nn.Module):
@@ -438,6 +448,9 @@ class RatModel(RatPreTrainedModel):
         self.layers = nn.ModuleList([RatDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RatRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RatRotaryEmbedding(config) if config.use_rope else None
+        # reinforce mode samples one gating policy per token while training, for the causal LM's REINFORCE loss;
+        # heads without that loss (the sequence classifier) turn it off and gate by the selector's expectation
+        self.samples_policies_in_training = config.gating_mode == "reinforce"
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -467,17 +480,22 @@ class RatModel(RatPreTrainedModel):
             raise ValueError("RatModel.forward: pass exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # [B, T, D]
+        if self.gradient_checkpointing and self.training:
+            # a recomputed layer would write its keys/values into a cache a second time (transformers 5.17's
+            # checkpointing layer only drops a kwarg named `past_key_values`, not `cache`)
+            if cache is not None:
+                logger.warning_once(f"{type(self).__name__}: no cache while training with gradient checkpointing")
+            cache, use_cache = None, False
         # A cache made here is empty: the masks are built as without one, so packed rows (positions restarting at 0,
         # no attention mask) keep their document boundaries also when `use_cache` is on (Llama loses them there).
         mask_cache = cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if sample_policies is None:
-            sample_policies = self.training and self.config.gating_mode == "reinforce"
+            sample_policies = self.training and self.samples_policies_in_training
 
         seq_len = inputs_embeds.shape[1]
-        # Positions given by the caller may restart at 0 inside a row (packed documents): the convolution restarts
-        # there too. Decoding one token needs no mask (its K-1 predecessors are its own document's or zeros).
+        # Positions given by the caller may restart inside a row (packed documents): the convolution restarts there.
         tap_mask = None
         if position_ids is not None and seq_len > 1:
             tap_mask = document_tap_mask(position_ids, self.config.conv_kernel_size, inputs_embeds.dtype)
@@ -617,11 +635,9 @@ class RatForSequenceClassification(GenericForSequenceClassification, RatPreTrain
         RatPreTrainedModel.__init__(self, config)
         self.num_labels = config.num_labels
         self.model = RatModel(config)  # built directly so remote-code loading needs no AutoModel lookup
+        self.model.samples_policies_in_training = False
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
-
-    def forward(self, *args, **kwargs):
-        return super().forward(*args, sample_policies=False, **kwargs)
 
 
 __all__ = ["RatPreTrainedModel", "RatModel", "RatForCausalLM", "RatForSequenceClassification"]

@@ -37,16 +37,20 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_rxt import RxTConfig
 
 
+logger = logging.get_logger(__name__)
+
 # Copied from rat_hf.models.rat.modeling_rat (the cache argument across transformers versions)
 _MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-_OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__dataclass_fields__ else "past_key_values"
+_OUTPUT_CACHE_FIELD = (
+    "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__dataclass_fields__ else "past_key_values"
+)
 
 
 # Copied from rat_hf.models.rat.modeling_rat._resolve_cache
@@ -649,6 +653,12 @@ class RxTModel(RxTPreTrainedModel):
             raise ValueError("RxTModel.forward: pass exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # [B, T, D]
+        if self.gradient_checkpointing and self.training:
+            # a recomputed layer would write its keys/values into a cache a second time (transformers 5.17's
+            # checkpointing layer only drops a kwarg named `past_key_values`, not `cache`)
+            if cache is not None:
+                logger.warning_once(f"{type(self).__name__}: no cache while training with gradient checkpointing")
+            cache, use_cache = None, False
         # A cache made here is empty: the masks are built as without one, so packed rows (positions restarting at 0,
         # no attention mask) keep their document boundaries also when `use_cache` is on (Llama loses them there).
         mask_cache = cache
@@ -657,10 +667,11 @@ class RxTModel(RxTPreTrainedModel):
 
         past_seen_tokens = cache.get_seq_length() if cache is not None else 0
         batch_size, seq_len = inputs_embeds.shape[:2]
-        if position_ids is None and torch.is_tensor(attention_mask) and attention_mask.dim() == 2:
+        if (position_ids is None and torch.is_tensor(attention_mask) and attention_mask.dim() == 2
+                and attention_mask.shape[-1] == past_seen_tokens + seq_len):
             # Queries are rotated before they read the memory, so unlike self-attention (relative positions) the
             # result depends on absolute positions: a left-padded row must count from its first real token, as
-            # generate() does. The 2D mask covers past + new tokens.
+            # generate() does. The 2D mask covers past + new tokens (any other length: positions from the cache).
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]  # [B, T]
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
