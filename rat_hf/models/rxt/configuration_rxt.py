@@ -38,6 +38,8 @@ ATTENTION_COMPONENTS = ("self", "cross", "encoder", "memory")
 # The reactive tokens' text (as in `rat_hf.tokenization.special_tokens`, which this remote-code file cannot import).
 QUERY_TOKEN, ANSWER_TOKEN = "[Q]", "[A]"
 
+# Copied from rat_hf.models.rat.configuration_rat (down to `_known_base_keys`): each configuration file ships alone
+# as remote code, so the validation helpers are copied per model folder rather than imported.
 # Keys that `PreTrainedConfig` itself takes (or silently drops) besides its dataclass fields, and what `to_dict()`
 # writes.
 _BASE_KEYS = {

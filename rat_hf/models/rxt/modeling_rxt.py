@@ -653,6 +653,7 @@ class RxTModel(RxTPreTrainedModel):
             raise ValueError("RxTModel.forward: pass exactly one of `input_ids` or `inputs_embeds`")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # [B, T, D]
+        # Copied from rat_hf.models.rat.modeling_rat.RatModel.forward (no cache under checkpointing, mask_cache)
         if self.gradient_checkpointing and self.training:
             # a recomputed layer would write its keys/values into a cache a second time (transformers 5.17's
             # checkpointing layer only drops a kwarg named `past_key_values`, not `cache`)
