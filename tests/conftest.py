@@ -6,8 +6,7 @@ import pytest
 PACKAGES = ["torch", "transformers", "huggingface_hub", "accelerate", "peft", "trl", "datasets", "tokenizers"]
 
 
-def pytest_report_header(config):
-    """Which versions this run tested (each leg of the CI matrix prints its own)."""
+def versions_line() -> str:
     versions = []
     for name in PACKAGES:
         try:
@@ -15,6 +14,14 @@ def pytest_report_header(config):
         except metadata.PackageNotFoundError:
             versions.append(f"{name} (not installed)")
     return "versions: " + ", ".join(versions)
+
+
+def pytest_sessionstart(session):
+    """Which versions this run tested (each leg of the CI matrix prints its own), also under `-q`, which hides the
+    report header."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(versions_line())
 
 
 @pytest.fixture
