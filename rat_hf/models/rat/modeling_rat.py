@@ -471,10 +471,8 @@ class RatModel(RatPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
-        sample_policies: bool | None = None,
         **kwargs,
     ) -> RatModelOutputWithPast:
-        """`sample_policies`: draw one gating policy per token (default: in reinforce mode while training)."""
         cache = _resolve_cache(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("RatModel.forward: pass exactly one of `input_ids` or `inputs_embeds`")
@@ -491,8 +489,7 @@ class RatModel(RatPreTrainedModel):
         mask_cache = cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        if sample_policies is None:
-            sample_policies = self.training and self.samples_policies_in_training
+        sample_policies = self.training and self.samples_policies_in_training
 
         seq_len = inputs_embeds.shape[1]
         # Positions given by the caller may restart inside a row (packed documents): the convolution restarts there.
@@ -562,7 +559,7 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
     ) -> RatCausalLMOutputWithPast:
         outputs: RatModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=_resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            cache=cache, past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
