@@ -22,7 +22,6 @@ while Llama's grow) and cumulative time and tokens. The PNG (next to --out) plot
 time, cumulative tokens and bytes held against the turn.
 """
 
-import inspect
 import statistics
 
 import torch
@@ -31,7 +30,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from bench_rxt_common import (base_parser, bench_dtype, png_path, print_table, pyplot, save_figure, sync, timed,
                                write_results)
 
-from rat_hf import RxTConfig, RxTForCausalLM  # noqa: E402  (bench_rxt_common put this checkout on the path)
+from rat_hf import RxTConfig, RxTForCausalLM  # noqa: E402
+from rat_hf._versions import CACHE_ARGUMENT  # noqa: E402  (bench_rxt_common put this checkout on the path)
 
 SIZES = {
     "full": dict(
@@ -62,11 +62,6 @@ def build(kind: str, size: dict, max_positions: int, device: str) -> torch.nn.Mo
     return model.to(device=device, dtype=bench_dtype(device)).eval()
 
 
-# the cache argument's name: `cache` from transformers 5.24 (Llama warns on `past_key_values` there), before that
-# `past_key_values`; RxT accepts both
-CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-
-
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -80,7 +75,7 @@ def answer(model, prompt: torch.Tensor, a, extra: dict) -> tuple[dict, DynamicCa
 
     def prompt_phase():
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache}, **extra)
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{CACHE_ARGUMENT: cache}, **extra)
         return cache, out.logits[:, -1].argmax(-1, keepdim=True)
 
     times = []
@@ -91,7 +86,7 @@ def answer(model, prompt: torch.Tensor, a, extra: dict) -> tuple[dict, DynamicCa
     def decode():
         tokens = [token]
         for _ in range(a.answer_len - 1):
-            out = model(input_ids=tokens[-1], use_cache=True, **{CACHE_ARG: cache}, **extra)
+            out = model(input_ids=tokens[-1], use_cache=True, **{CACHE_ARGUMENT: cache}, **extra)
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         return torch.cat(tokens, dim=1)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ._versions import output_cache
 from .models.rat import RatConfig, RatForCausalLM
 
 _CHECKPOINT_NAME = "checkpoint_step_{step:06d}"
@@ -191,8 +192,7 @@ class RAT(RatForCausalLM):
         out = super().__call__(input_ids=x, attention_mask=mask, past_key_values=past_kvs, use_cache=use_cache)
         if not use_cache:
             return out.logits
-        # the output's cache field is `cache` from transformers 5.24 (`past_key_values` still works there, with a warning)
-        return out.logits, (out.cache if hasattr(out, "cache") else out.past_key_values)
+        return out.logits, output_cache(out)
 
     def save_pretrained(self, *args, **kwargs):
         """Saved as a `RatForCausalLM` (config `architectures`, `auto_map` and the copied modeling file)."""
@@ -623,7 +623,7 @@ class RATDataLoader:
         self.seq_len, self.batch_size, self.num_samples, self.max_texts = seq_len, batch_size, num_samples, max_texts
 
     def _texts(self):
-        from .cli import _from_hub
+        from .cli._common import from_hub
         from .data import default_text_corpus, load_text_dataset
 
         if self.dataset_name == "default":
@@ -631,7 +631,7 @@ class RATDataLoader:
         if Path(self.dataset_name).exists():
             return load_text_dataset(self.dataset_name)
         # fails at once, in one line, when the Hub is unreachable and the dataset is not in the cache
-        return _from_hub(load_text_dataset, self.dataset_name, "dataset",
+        return from_hub(load_text_dataset, self.dataset_name, "dataset",
                          "offline, use dataset_name='default' (the standard-library corpus) or a local path",
                          config=self.dataset_config)
 

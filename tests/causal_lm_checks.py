@@ -21,6 +21,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from rat_hf._versions import output_cache
+
 ATOL = 2e-5
 LOGIT_ATOL = 1e-4  # cached vs full-forward logits, fp32
 SEEDS = [0, 1, 2]
@@ -94,7 +96,7 @@ class CausalLMChecks:
     def test_forward_returns_the_cache_it_filled(self, model):
         with torch.no_grad():
             out = model(input_ids=self.ids(model, 1, 4), use_cache=True, **self.extra_inputs(model, 1))
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # the field's name depends on the version
+        cache = output_cache(out)  # the field's name depends on the version
         assert cache is not None and cache.get_seq_length() == 4
 
     def generate_logits(self, model, ids, **kw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,18 +136,13 @@ class CausalLMChecks:
     def test_seeded_sampling_logits_equal_full_forward(self, config, seed):
         model = self.seeded_model(config, seed)
         ids = self.ids(model, 1, 5, seed=seed)
+        sampling = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=8, num_return_sequences=3)
         torch.manual_seed(seed)
-        sequences, logits = self.generate_logits(
-            model, ids, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=8,
-            num_return_sequences=3,
-        )
+        sequences, logits = self.generate_logits(model, ids, **sampling)
         assert sequences.shape == (3, 13)
         self.assert_logits_match_full_forward(model, sequences, logits, 5)
         torch.manual_seed(seed)  # the same seed without a cache draws the same tokens
-        again, _ = self.generate_logits(
-            model, ids, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=8,
-            num_return_sequences=3, use_cache=False,
-        )
+        again, _ = self.generate_logits(model, ids, use_cache=False, **sampling)
         assert torch.equal(sequences, again)
 
     @pytest.mark.parametrize("seed", SEEDS)

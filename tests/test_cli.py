@@ -56,7 +56,7 @@ def one_thread():
 @pytest.fixture
 def offline(monkeypatch):
     """The Hub is unreachable, whatever the network: the tools must say so in one line, without retrying."""
-    monkeypatch.setattr(cli, "_hub_unreachable", lambda: "test: no network")
+    monkeypatch.setattr(cli._common, "hub_unreachable", lambda: "test: no network")
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
@@ -262,7 +262,7 @@ def test_eval_rlm_optimum_is_the_exact_one(saved, monkeypatch):
     rlm = RandomLanguageModel(16, 4, 1.0, seed=0)
     args = argparse.Namespace(num_sequences=300, seed=5, batch_size=64, no_progress=True, dataset=RLM_SPEC)
     model = RatForCausalLM.from_pretrained(saved["rat"]).eval()
-    result = cli._eval_rlm(model, cli.parse_rlm_spec(RLM_SPEC), args)
+    result = cli.eval._eval_rlm(model, cli.parse_rlm_spec(RLM_SPEC), args)
     x = rlm.sample(300, seed=5)
     exact = -rlm.next_token_log_probs(x).gather(-1, x[..., None])[:, 1:].mean()
     assert result["optimal_loss"] == pytest.approx(float(exact), rel=1e-9)
@@ -392,11 +392,11 @@ def test_hub_check_honours_offline_mode(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert cli._hub_unreachable() == "HF_HUB_OFFLINE is set"
-    with cli._offline():
+    assert cli._common.hub_unreachable() == "HF_HUB_OFFLINE is set"
+    with cli._common.offline():
         assert constants.HF_HUB_OFFLINE is True
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    with cli._offline():
+    with cli._common.offline():
         assert constants.HF_HUB_OFFLINE is True
     assert constants.HF_HUB_OFFLINE is False
 
@@ -454,7 +454,7 @@ def test_self_test_fails_when_the_model_ignores_the_cache(monkeypatch, capsys):
     decode step sees only the newest token. Greedy tokens of a tiny random model often survive that; logits do not."""
     import functools
 
-    key = cli.selftest.cache_argument()
+    from rat_hf._versions import CACHE_ARGUMENT as key
     for cls in (RatForCausalLM, RxTForCausalLM):
         forward = cls.forward
 

@@ -256,7 +256,7 @@ def test_data_loader_on_the_offline_corpus(tokenizer):
 
 
 def test_data_loader_hub_name_offline_is_a_clear_error(tokenizer, monkeypatch):
-    monkeypatch.setattr(cli, "_hub_unreachable", lambda: "test: no network")
+    monkeypatch.setattr(cli._common, "hub_unreachable", lambda: "test: no network")
     with pytest.raises(ValueError, match="offline, use dataset_name='default'"):
         RATDataLoader(dataset_name="no-such-org/no-such-dataset", tokenizer=tokenizer).prepare_dataset()
     with pytest.raises(ValueError, match="Tokenizer is required"):

@@ -175,7 +175,7 @@ def test_rat_train_errors_are_one_line(argv, message, bad_inputs, tmp_path, monk
     from rat_hf import cli
     from rat_hf.recipes.pretrain import main
 
-    monkeypatch.setattr(cli, "_hub_unreachable", lambda: "test: no network")
+    monkeypatch.setattr(cli._common, "hub_unreachable", lambda: "test: no network")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir(exist_ok=True)
     argv = [a.format(tmp=bad_inputs) for a in argv]

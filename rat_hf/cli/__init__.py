@@ -10,34 +10,22 @@ Without the console scripts installed: `python -m rat_hf.cli generate|eval|test|
 
 Errors: bad arguments get argparse's usage line and a one-line `rat-<tool>: error: ...` (exit 2); errors while running
 (a missing path, a bad dataset spec, a model id while the Hub is unreachable, weights that do not match their config)
-the same one-line form, exit 2, no traceback unless `--debug`. Torch, transformers and datasets are imported only when
-a tool runs. Modules: `generate`, `eval`, `selftest` (rat-test), `_common` (what they share).
+the same one-line form, exit 2, no traceback unless `--debug`. `datasets` is imported only by the tools that read
+data. Modules: `generate`, `eval`, `selftest` (rat-test), `_common` (what they share).
 """
 
 import sys
 
-from ._common import CLIError, from_hub, hub_unreachable, offline
-from .eval import _eval_rlm, build_eval_parser, eval_main, parse_rlm_spec
+from ..recipes.pretrain import main as train_main
+from ._common import CLIError
+from .eval import build_eval_parser, eval_main, parse_rlm_spec
 from .generate import build_generate_parser, generate_main
 from .selftest import build_test_parser, test_main
 
 TOOLS = ("generate", "eval", "test", "train")
-# the names the package's users and tests reach for (`_from_hub` by rat_hf.compat; tests replace `_hub_unreachable`)
-_from_hub, _hub_unreachable, _offline = from_hub, hub_unreachable, offline
 
 __all__ = ["CLIError", "build_eval_parser", "build_generate_parser", "build_test_parser", "eval_main",
            "generate_main", "main", "parse_rlm_spec", "test_main"]
-
-
-def _train_main(argv) -> int:
-    try:
-        from ..recipes.pretrain import main as pretrain_main
-    except ImportError as error:
-        from ._common import one_line
-
-        print(f"rat-train: error: the pretraining recipe is not available ({one_line(error)})", file=sys.stderr)
-        return 2
-    return pretrain_main(argv)
 
 
 def main(argv=None) -> int:
@@ -51,5 +39,5 @@ def main(argv=None) -> int:
     if tool not in TOOLS:
         print(f"{usage}\nrat_hf.cli: error: unknown tool {argv[0]!r}", file=sys.stderr)
         return 2
-    entry = {"generate": generate_main, "eval": eval_main, "test": test_main, "train": _train_main}[tool]
+    entry = {"generate": generate_main, "eval": eval_main, "test": test_main, "train": train_main}[tool]
     return entry(argv[1:])

@@ -190,8 +190,7 @@ def from_hub(load, name: str, what: str, hint: str, **kwargs):
     """`load(name, **kwargs)` for a Hub id; from the cache alone, with a one-line error, when the Hub is unreachable."""
     if looks_like_missing_path(name):
         raise CLIError(f"{what} {name!r}: no such file or directory")
-    # looked up on the package, so that replacing `rat_hf.cli._hub_unreachable` (tests do) takes effect here
-    reason = sys.modules[__package__]._hub_unreachable()
+    reason = hub_unreachable()
     if reason is None:
         return load(name, **kwargs)
     try:
@@ -303,6 +302,19 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, hint: str = "", w
         raise
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise CLIError(f"{what}: no usable tokenizer in {name!r} ({one_line(error)}){hint}") from None
+
+
+def load_model_tokenizer(args):
+    """The tokenizer of `--tokenizer`, else the one saved with `--model`."""
+    return load_tokenizer(args.tokenizer or args.model, args.trust_remote_code,
+                          "" if args.tokenizer else "; pass --tokenizer")
+
+
+def check_vocabulary(model, tokenizer, ids, what: str) -> None:
+    """Token ids the embedding cannot look up: a tokenizer that is not the model's."""
+    if ids.numel() and int(ids.max()) >= model.config.vocab_size:
+        raise CLIError(f"{what}: the tokenizer produces id {int(ids.max())}, outside the model's vocabulary "
+                       f"({model.config.vocab_size}); pass the model's own tokenizer")
 
 
 # --- text data ----------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
     rat-eval --model ./my-rlm-rat --dataset rlm:vocab_size=32,depth=5,beta=1.0,seed=0 --json
 
 `--dataset default` evaluates, unless `--split` says otherwise, the documents of the offline corpus that `rat-train`
-never trains on (`rat_hf.recipes.pretrain.held_out`), at the block length the model was trained with when its
+never trains on (`rat_hf.data.held_out`), at the block length the model was trained with when its
 directory records it (`rat_train_data.json`, written by `rat-train`). The report says split, block length, tokens.
 """
 
@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import (CLIError, add_model_arguments, int_at_least, load_model, load_text, load_tokenizer, make_parser,
-                      one_line, run_tool)
+from ._common import (CLIError, add_model_arguments, check_vocabulary, int_at_least, load_model, load_model_tokenizer,
+                      load_text, make_parser, one_line, run_tool)
 
 _RLM_KEYS = {"vocab_size": int, "depth": int, "beta": float, "seed": int}
 DEFAULT_SPLITS = ("heldout", "train", "all")
@@ -93,7 +93,9 @@ def parse_rlm_spec(spec: str) -> dict:
 
 def training_record(model_name: str) -> dict:
     """What `rat-train` recorded about the model's training data (`rat_train_data.json`), or {}."""
-    path = Path(model_name).expanduser() / "rat_train_data.json"
+    from ..recipes.pretrain import RECORD_FILE
+
+    path = Path(model_name).expanduser() / RECORD_FILE
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
@@ -150,7 +152,7 @@ def _eval_rlm(model, params: dict, args) -> dict:
                        f"{one_line(error)}") from None
     x = rlm.sample(args.num_sequences, seed=args.seed)  # [n, T]
     model_nll = _token_nll(model, x, args.batch_size, not args.no_progress, "rlm").mean(-1)  # [n]
-    optimal = -rlm.next_token_log_probs(x).gather(-1, x.unsqueeze(-1)).squeeze(-1)[:, 1:].mean(-1)  # [n]
+    optimal = rlm.token_nll(x)[:, 1:].mean(-1)  # [n]
     n = x.shape[0]
     loss, best = float(model_nll.mean()), float(optimal.mean())
     return {
@@ -165,8 +167,7 @@ def _eval_rlm(model, params: dict, args) -> dict:
 def _load_text(args):
     """-> (dataset, split description)."""
     if args.dataset == "default":
-        from ..data import default_text_corpus
-        from ..recipes.pretrain import split_documents
+        from ..data import default_text_corpus, split_documents
 
         split = args.split or "heldout"
         if split not in DEFAULT_SPLITS:
@@ -188,10 +189,7 @@ def _eval_text(model, args, record: dict) -> dict:
     import torch
 
     from ..data import pack_for_causal_lm
-    from .generate import check_vocabulary
-
-    tokenizer = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code,
-                               "" if args.tokenizer else "; pass --tokenizer")
+    tokenizer = load_model_tokenizer(args)
     if args.no_progress:
         import datasets
 

@@ -5,8 +5,8 @@
 
 import argparse
 
-from ._common import (CLIError, add_model_arguments, float_in, int_at_least, load_model, load_tokenizer, make_parser,
-                      run_tool)
+from ._common import (CLIError, add_model_arguments, check_vocabulary, float_in, int_at_least, load_model,
+                      load_model_tokenizer, make_parser, run_tool)
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -60,21 +60,13 @@ def _generation_kwargs(args, parser) -> dict:
     return kwargs
 
 
-def check_vocabulary(model, tokenizer, ids, what: str) -> None:
-    """Token ids the embedding cannot look up: a tokenizer that is not the model's."""
-    if ids.numel() and int(ids.max()) >= model.config.vocab_size:
-        raise CLIError(f"{what}: the tokenizer produces id {int(ids.max())}, outside the model's vocabulary "
-                       f"({model.config.vocab_size}); pass the model's own tokenizer")
-
-
 def _generate(args, parser) -> int:
     kwargs = _generation_kwargs(args, parser)
     import torch
     from transformers import set_seed
 
     model = load_model(args)
-    tokenizer = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code,
-                               "" if args.tokenizer else "; pass --tokenizer")
+    tokenizer = load_model_tokenizer(args)
     if args.seed is not None:
         set_seed(args.seed)
     if model.config.model_type == "rxt":

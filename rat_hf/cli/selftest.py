@@ -7,13 +7,13 @@ produced. Tolerance `ATOL` (fp32).
 """
 
 import argparse
-import inspect
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
+from .._versions import CACHE_ARGUMENT
 from ._common import device, make_parser, one_line, run_tool
 
 ATOL = 1e-4
@@ -44,14 +44,6 @@ def expect(ok: bool, message: str) -> None:
     """A failed check (not an `assert`: `python -O` must not turn every check into a PASS)."""
     if not ok:
         raise AssertionError(message)
-
-
-def cache_argument() -> str:
-    """The name under which this transformers' own models take the cache (`cache` from 5.24, else
-    `past_key_values`): the name `generate()` uses, so the one the step-by-step check must use."""
-    from transformers import LlamaForCausalLM
-
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def _model_checks(name: str, build, extra, dev, tmp: Path, remote: bool):
@@ -86,7 +78,7 @@ def _model_checks(name: str, build, extra, dev, tmp: Path, remote: bool):
         expect(diff <= 1e-5, f"changing tokens 9.. changed logits before them by {diff:.2e}")
 
     def check_cache():
-        model, key = state["model"], cache_argument()
+        model, key = state["model"], CACHE_ARGUMENT  # the name generate() passes the cache under
         worst = 0.0
         for seed, prompt in ((0, 5), (1, 1), (2, 3)):
             x = ids(2, 12, seed=seed)

@@ -6,12 +6,15 @@ when called, so `import rat_hf.data` works without the `train` extra.
 
 from .chat import load_chat_jsonl, parse_chat_record
 from .corpora import (
+    EVAL_FRACTION,
     cache_dir,
     default_dialogs,
     default_text_corpus,
     get_statistics,
+    held_out,
     load_text_dataset,
     pack_for_causal_lm,
+    split_documents,
 )
 from .interactions import (
     interaction_text,
@@ -25,6 +28,7 @@ from .kv_pairs import kv_pairs_dataset, play_twenty_questions, split_into_kv_pai
 from .rlm import RandomLanguageModel, RLMStream
 
 __all__ = [
+    "EVAL_FRACTION",
     "RLMStream",
     "RandomLanguageModel",
     "cache_dir",
@@ -35,10 +39,12 @@ __all__ = [
     "kv_pairs_dataset",
     "load_chat_jsonl",
     "load_interactions",
+    "held_out",
     "load_text_dataset",
     "memory_recall_dataset",
     "normalize_interaction",
     "pack_for_causal_lm",
+    "split_documents",
     "parse_chat_record",
     "play_twenty_questions",
     "split_into_kv_pairs",

@@ -211,6 +211,27 @@ def load_text_dataset(name_or_path: str, config: str | None = None, split: str =
 
 
 # --- packing --------------------------------------------------------------------------------------------------------
+# The share of the default corpus's documents that rat-train holds out (and rat-eval scores by default).
+EVAL_FRACTION = 0.05
+
+
+def held_out(text: str, fraction: float = EVAL_FRACTION) -> bool:
+    """Whether rat-train keeps the document `text` out of training: a hash of the text below `fraction`.
+
+    Depends on nothing but the text, so a larger fraction holds out a superset, and `rat-eval` finds the same
+    documents whatever `--max_docs`, tokenizer or block length the model was trained with.
+    """
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def split_documents(texts, fraction: float = EVAL_FRACTION):
+    """A text `Dataset` -> (training documents, held-out documents), by `held_out`."""
+    flags = [held_out(t or "", fraction) for t in texts["text"]]
+    return (texts.select([i for i, f in enumerate(flags) if not f]),
+            texts.select([i for i, f in enumerate(flags) if f]))
+
+
 def pack_for_causal_lm(dataset, tokenizer, seq_len: int, text_column: str = "text", num_proc: int | None = None,
                        batch_size: int = 1000):
     """Tokenize `dataset[text_column]`, put EOS after every document, and cut the stream into `seq_len` blocks.

@@ -21,7 +21,6 @@ Errors (a missing path, an empty or undecodable file, weights that do not match 
 `rat-train: error: ...`, exit 2; `--traceback` shows the full traceback.
 """
 
-import hashlib
 import json
 import logging
 import math
@@ -34,26 +33,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments, default_data_collator, set_seed
 
+from rat_hf.data.corpora import EVAL_FRACTION, held_out, split_documents  # noqa: F401  (held_out: re-exported)
+
 logger = logging.getLogger("rat_hf.pretrain")
-EVAL_FRACTION = 0.05
 RECORD_FILE = "rat_train_data.json"
-
-
-def held_out(text: str, fraction: float = EVAL_FRACTION) -> bool:
-    """Whether rat-train keeps the document `text` out of training: a hash of the text below `fraction`.
-
-    Depends on nothing but the text, so a larger fraction holds out a superset, and `rat-eval` finds the same
-    documents whatever `--max_docs`, tokenizer or block length the model was trained with.
-    """
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
-
-
-def split_documents(texts, fraction: float = EVAL_FRACTION):
-    """A text `Dataset` -> (training documents, held-out documents), by `held_out`."""
-    flags = [held_out(t or "", fraction) for t in texts["text"]]
-    return (texts.select([i for i, f in enumerate(flags) if not f]),
-            texts.select([i for i, f in enumerate(flags) if f]))
 
 
 @dataclass
