@@ -33,6 +33,11 @@ from ._checks import check_int
 _CHUNK = 256
 
 
+def _mean_stderr(per_sequence: torch.Tensor) -> tuple[float, float]:
+    """(mean, standard error of the mean) over independent sequences `[n]`."""
+    return float(per_sequence.mean()), float(per_sequence.std() / math.sqrt(per_sequence.shape[0]))
+
+
 class RandomLanguageModel:
     """Random binary grammar of `vocab_size` symbols; sequences are the 2**depth leaves of a full tree."""
 
@@ -127,16 +132,19 @@ class RandomLanguageModel:
             outside = outside / outside.sum(-1, keepdim=True)
         return outside  # [n, 2**D, V]: P(x_t = v | x_<t)
 
+    def token_nll(self, sequences) -> torch.Tensor:
+        """Exact -log P(x_t | x_<t) of every token: [n, T] (float64; position 0 is the first token's marginal)."""
+        x = self._check_sequences(sequences)
+        return -self.next_token_log_probs(x).gather(-1, x.unsqueeze(-1)).squeeze(-1)
+
     def log_prob(self, sequences) -> torch.Tensor:
         """Exact log P(x) of whole sequences: [n] (float64)."""
-        x = self._check_sequences(sequences)
-        return self.next_token_log_probs(x).gather(-1, x.unsqueeze(-1)).squeeze(-1).sum(-1)
+        return -self.token_nll(sequences).sum(-1)
 
     # --- optimal loss ------------------------------------------------------------------------------------------
     def _sampled_nll(self, num_samples: int, seed: int) -> torch.Tensor:
         check_int("num_samples", num_samples, 2)
-        x = self.sample(num_samples, seed=seed)  # [n, T]
-        return -self.next_token_log_probs(x).gather(-1, x.unsqueeze(-1)).squeeze(-1)  # [n, T]
+        return self.token_nll(self.sample(num_samples, seed=seed))  # [n, T]
 
     def optimal_loss(self, num_samples: int = 2000, seed: int = 12345, start: int = 0) -> tuple:
         """Bayes-optimal mean next-token loss in nats/token over positions `start`..T-1: (mean, standard error).
@@ -146,9 +154,7 @@ class RandomLanguageModel:
         which no causal LM is scored on: compare a causal LM's loss (labels shifted by one) with `start=1`, the
         optimum over positions 1..T-1. `start=-1` is the last position alone (the RLM seed's task).
         """
-        positions = self._positions(start)
-        per_seq = self._sampled_nll(num_samples, seed)[:, positions].mean(-1)  # [n]
-        return float(per_seq.mean()), float(per_seq.std() / math.sqrt(num_samples))
+        return _mean_stderr(self._sampled_nll(num_samples, seed)[:, self._positions(start)].mean(-1))
 
     def optimal_losses(self, num_samples: int = 2000, seed: int = 12345) -> dict:
         """The optima a causal LM is compared with, from one set of samples (each as mean and standard error).
@@ -159,8 +165,8 @@ class RandomLanguageModel:
         """
         nll = self._sampled_nll(num_samples, seed)  # [n, T]
         out = {}
-        for name, per_seq in (("optimal_loss", nll[:, 1:].mean(-1)), ("optimal_last_loss", nll[:, -1])):
-            out[name], out[f"{name}_stderr"] = float(per_seq.mean()), float(per_seq.std() / math.sqrt(num_samples))
+        for name, start in (("optimal_loss", 1), ("optimal_last_loss", -1)):
+            out[name], out[f"{name}_stderr"] = _mean_stderr(nll[:, self._positions(start)].mean(-1))
         return out
 
     def _positions(self, start) -> slice:
@@ -172,7 +178,7 @@ class RandomLanguageModel:
     def optimal_loss_per_position(self, num_samples: int = 2000, seed: int = 12345) -> tuple:
         """Bayes-optimal loss at every position: (mean [T], standard error [T]) as float64 tensors."""
         nll = self._sampled_nll(num_samples, seed)  # [n, T]
-        return nll.mean(0), nll.std(0) / math.sqrt(num_samples)
+        return nll.mean(0), nll.std(0) / math.sqrt(nll.shape[0])
 
     # --- datasets ----------------------------------------------------------------------------------------------
     def dataset(self, n: int, seed: int = 0):

@@ -60,12 +60,20 @@ def add_reactive_special_tokens(tokenizer) -> dict:
     return reactive_token_ids(tokenizer)
 
 
+def _token_id(tokenizer, token: str) -> int | None:
+    """`token`'s id when the tokenizer really has it as one token (not mapped to UNK), else None."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    if i is None or i == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(i) != token:
+        return None
+    return i
+
+
 def reactive_token_ids(tokenizer) -> dict:
     """Ids of the reactive tokens and of bos/eos/pad; ValueError if a reactive token is missing."""
     ids = {}
     for role, token in REACTIVE_SPECIAL_TOKENS.items():
-        i = tokenizer.convert_tokens_to_ids(token)
-        if i is None or i == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(i) != token:
+        i = _token_id(tokenizer, token)
+        if i is None:
             raise ValueError(f"tokenizer has no {token!r}: call add_reactive_special_tokens(tokenizer) first")
         ids[role] = i
     ids.update(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
@@ -117,8 +125,8 @@ def check_tokenizer_matches(config, tokenizer, where: str = "") -> None:
         return
     for field, token in (("query_token_id", QUERY_TOKEN), ("answer_token_id", ANSWER_TOKEN)):
         ours = getattr(config, field)
-        theirs = tokenizer.convert_tokens_to_ids(token)
-        if theirs is None or theirs == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(theirs) != token:
+        theirs = _token_id(tokenizer, token)
+        if theirs is None:
             there = tokenizer.convert_ids_to_tokens(ours) if 0 <= ours < len(tokenizer) else None
             raise mismatch(field, ours, f"the tokenizer has no {token!r} token (id {ours} is {there!r} there)")
         if theirs != ours:

@@ -76,10 +76,11 @@ class RatTrainer(Trainer):
         entropy = getattr(outputs, "gate_entropy", None)
         if entropy is not None:
             values["gate/entropy"] = entropy.float().mean().item()
-            values["gate/usage_max"] = outputs.policy_usage.float().max().item()
+            usage = outputs.policy_usage.float().tolist()  # one copy to the host: [L][P]
+            values["gate/usage_max"] = max(map(max, usage))
             for i, e in enumerate(entropy.tolist()):
                 values[f"gate/entropy/layer_{i}"] = e
-            for i, row in enumerate(outputs.policy_usage.tolist()):
+            for i, row in enumerate(usage):
                 for j, u in enumerate(row):
                     values[f"gate/usage/layer_{i}/policy_{j}"] = u
         for key, value in values.items():
