@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from rat_hf.curriculum import AttentionGuidedConfig, AttentionGuidedTrainer, DefineRecallPools, collate
+from rat_hf.curriculum import AttentionGuidedConfig, AttentionGuidedTrainer, DefineRecallPools, collate, random_orders
 from rat_hf.curriculum.policy import assemble, rollout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,7 +52,7 @@ def build_evaluator(src: DefineRecallPools, seed: int, steps: int, lr: float):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50)  # short warmup: the copy circuit forms unstably without
         batch = collate(src.sample(rng, 64))
-        ids, mask, score = assemble(batch, torch.argsort(torch.rand(64, n, generator=gen), -1))
+        ids, mask, score = assemble(batch, random_orders(64, n, gen))
         loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(~score, -100)).loss
         opt.zero_grad()
         loss.backward()
@@ -79,7 +79,7 @@ def evaluate(trainer, pools: list, seed: int) -> dict:
     policy = rollout(trainer.model, trainer.probe, batch, trainer.args.temperature, gen)
     n = batch["scored"].shape[1]
     return {"policy": score(trainer, pools, policy),
-            "random": score(trainer, pools, torch.argsort(torch.rand(len(pools), n, generator=gen), -1)),
+            "random": score(trainer, pools, random_orders(len(pools), n, gen)),
             "oracle": score(trainer, pools, oracle_orders(pools))}
 
 

@@ -81,10 +81,12 @@ def candidate_keys(model, probe, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout(model, probe, batch: dict, temperature: float, generator: torch.Generator | None = None):
-    """Sample an order `[B, N]` for every row independently (the model's query at each step's context)."""
+def rollout(model, probe, batch: dict, temperature: float, generator: torch.Generator | None = None,
+            keys: torch.Tensor | None = None):
+    """Sample an order `[B, N]` for every row independently (the model's query at each step's context).
+    `keys`: `candidate_keys` of this batch when already computed."""
     b, n = batch["scored"].shape
-    keys = candidate_keys(model, probe, batch)
+    keys = candidate_keys(model, probe, batch) if keys is None else keys.detach()
     available = torch.ones(b, n, dtype=torch.bool, device=keys.device)
     orders = torch.zeros(b, n, dtype=torch.long, device=keys.device)
     for s in range(n):
@@ -101,21 +103,23 @@ def rollout(model, probe, batch: dict, temperature: float, generator: torch.Gene
     return orders
 
 
-def order_log_probs(model, probe, batch: dict, orders: torch.Tensor, temperature: float):
-    """Per-step choice probabilities for given orders, with gradients: `probs [B, S, N]`, `available [B, S, N]`."""
+def order_log_probs(model, probe, batch: dict, orders: torch.Tensor, temperature: float,
+                    keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-step choice probabilities `[B, S, N]` of given orders, with gradients (`keys`: `candidate_keys` of this
+    batch when already computed)."""
     b, n = orders.shape
     ids, mask, _ = assemble(batch, orders)
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     q, _ = probe.query_key(**model_inputs(model, ids, mask, pos))  # [B, H, T, d]
     q = q[:, :, step_offsets(batch).to(ids.device) - 1].transpose(1, 2)  # [B, S, H, d]
-    keys = candidate_keys(model, probe, batch)  # [B, S, N, Hkv, d]
+    keys = candidate_keys(model, probe, batch) if keys is None else keys  # [B, S, N, Hkv, d]
     chosen_before = torch.zeros(b, n, n, dtype=torch.bool, device=ids.device)  # [B, S, N]
     for s in range(1, n):
         chosen_before[:, s] = chosen_before[:, s - 1]
         chosen_before[torch.arange(b), s, orders[:, s - 1]] = True
     available = ~chosen_before
     probs = choice_probs(q.flatten(0, 1), keys.flatten(0, 1), available.flatten(0, 1), temperature)
-    return probs.view(b, n, n), available
+    return probs.view(b, n, n)
 
 
 def chosen_log_prob(probs: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:

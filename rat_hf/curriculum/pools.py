@@ -63,17 +63,6 @@ class DefineRecallPools:
             pools.append({"prompt_ids": [self.BOS], "pairs": pairs})
         return pools
 
-    def sequences(self, rng: random.Random, n: int, order: str = "random") -> torch.Tensor:
-        """`[n, L]` token ids of pools laid out in `order` ("random", "oracle": definitions first), e.g. to
-        pre-train an evaluator on the format."""
-        rows = []
-        for pool in self.sample(rng, n):
-            pairs = list(pool["pairs"])
-            if order == "oracle":
-                pairs.sort(key=lambda p: p["kind"] != "define")
-            rows.append(pool["prompt_ids"] + [t for p in pairs for t in p["key_ids"] + p["value_ids"]])
-        return torch.tensor(rows)
-
     @staticmethod
     def order_metrics(pools: list, orders: torch.Tensor) -> dict:
         """`define_before_recall`: fraction of recalls whose definition came earlier in the chosen order."""
@@ -89,8 +78,6 @@ class DefineRecallPools:
                     total += 1
         return {"define_before_recall": hits / max(total, 1)}
 
-    def decode(self, ids) -> str:
-        return " ".join(self.vocab[i] for i in ids)
 
 
 class KVPairPools:

@@ -62,8 +62,8 @@ class AttentionProbe:
         self.head_dim = head_dim
         if self.layout == "fused":
             fused = getattr(self.module.c_attn, "base_layer", self.module.c_attn)  # a LoRA wrapper keeps it
-            width = fused.weight.shape[-1] // 3  # Conv1D weight: [in, 3 * D]
-            q_width = k_width = width
+            self._fused_width = fused.weight.shape[-1] // 3  # Conv1D weight: [in, 3 * D]
+            q_width = k_width = self._fused_width
         else:
             q_width, k_width = self._out_features(self.module.q_proj), self._out_features(self.module.k_proj)
         if q_width % head_dim or k_width % head_dim:
@@ -104,7 +104,7 @@ class AttentionProbe:
         return base.out_features
 
     # ---- running it --------------------------------------------------------------------------------------------------
-    def capture(self, stop: bool = True, **model_inputs) -> dict:
+    def capture(self, **model_inputs) -> dict:
         """Run the model on `model_inputs` and return the last attention's input `{"hidden_states", "cos_sin"}`."""
         captured = {}
 
@@ -112,8 +112,7 @@ class AttentionProbe:
             bound = self._signature.bind_partial(*args, **kwargs).arguments
             captured["hidden_states"] = bound.get("hidden_states", args[0] if args else None)
             captured["cos_sin"] = bound.get("position_embeddings")
-            if stop:
-                raise _StopForward
+            raise _StopForward  # nothing after the last attention is needed
 
         handle = self.module.register_forward_pre_hook(hook, with_kwargs=True)
         try:
@@ -131,8 +130,7 @@ class AttentionProbe:
         m, hd = self.module, self.head_dim
         shape = (*hidden_states.shape[:-1], -1, hd)
         if self.layout == "fused":
-            width = getattr(m.c_attn, "base_layer", m.c_attn).weight.shape[-1] // 3  # Conv1D weight: [in, 3 * D]
-            q, k, _ = m.c_attn(hidden_states).split(width, dim=-1)
+            q, k, _ = m.c_attn(hidden_states).split(self._fused_width, dim=-1)
             return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2)
         q, k = m.q_proj(hidden_states).view(shape), m.k_proj(hidden_states).view(shape)
         if getattr(m, "q_norm", None) is not None:

@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import AttentionGuidedConfig
-from .policy import (assemble, categorical_kl, chosen_log_prob, group_advantages, keep_top, order_log_probs,
-                     rollout, sequence_reward)
+from .policy import (assemble, candidate_keys, categorical_kl, chosen_log_prob, group_advantages, keep_top,
+                     order_log_probs, rollout, sequence_reward)
 from .pools import collate
 from .probe import AttentionProbe
 
@@ -58,11 +58,11 @@ class AttentionGuidedTrainer:
         self.rng = random.Random(args.seed)  # draws pools
         self.generator = torch.Generator().manual_seed(args.seed)  # samples orders (on CPU: device-independent)
         self._freeze_unreachable()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
             raise ValueError("no adapter parameter reaches the attention probe: target q_proj/k_proj (or c_attn) "
                              "or layers before the last attention with lora_target_modules")
-        self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
         self.episode, self.history = 0, []
 
     # ---- setup -------------------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ class AttentionGuidedTrainer:
         """Freeze adapter tensors with no path to the probe's q/k (their gradient would always be None)."""
         batch = self._batch(self.pools.sample(random.Random(-1), 1), 1)
         orders = torch.arange(batch["scored"].shape[1], device=self.device)[None]
-        probs, _ = order_log_probs(self.model, self.probe, batch, orders, self.args.temperature)
+        probs = order_log_probs(self.model, self.probe, batch, orders, self.args.temperature)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         grads = torch.autograd.grad(probs[..., 0].sum(), [p for _, p in named], allow_unused=True)
         frozen = [n for (n, p), g in zip(named, grads) if g is None]
@@ -107,23 +107,24 @@ class AttentionGuidedTrainer:
         args, g = self.args, self.args.num_rollouts
         pools = self.pools.sample(self.rng, args.batch_size)
         batch = self._batch(pools, g)  # rows of one pool adjacent: [P * G, ...]
-        orders = rollout(self.model, self.probe, batch, args.temperature, self.generator)
+        # the candidate keys do not depend on the order: computed once, with gradients, for the rollout and the update
+        keys = candidate_keys(self.model, self.probe, batch)
+        orders = rollout(self.model, self.probe, batch, args.temperature, self.generator, keys=keys)
         reward = self.rewards(batch, orders)
         signal = reward[torch.randperm(reward.numel(), generator=self.generator)] if args.shuffle_rewards else reward
         advantages = group_advantages(signal, g)
         keep = keep_top(advantages, args.keep_fraction)
 
-        probs, _ = order_log_probs(self.model, self.probe, batch, orders, args.temperature)
+        probs = order_log_probs(self.model, self.probe, batch, orders, args.temperature, keys=keys)
         with torch.no_grad(), self.model.disable_adapter():
-            ref_probs, _ = order_log_probs(self.model, self.probe, batch, orders, args.temperature)
+            ref_probs = order_log_probs(self.model, self.probe, batch, orders, args.temperature)
         log_prob = chosen_log_prob(probs, orders)
         kl = categorical_kl(probs, ref_probs)
         pg = -(advantages[keep] * log_prob[keep]).mean()
         loss = pg + args.kl_coef * kl.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
         self.optimizer.step()
         self.episode += 1
         rows = [p for p in pools for _ in range(g)]
