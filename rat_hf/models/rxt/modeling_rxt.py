@@ -751,7 +751,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         """
         outputs: RxTModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=_resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
             memory=memory, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
