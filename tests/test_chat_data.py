@@ -60,10 +60,31 @@ def test_chat_formats_to_trl_prompt_completion(tmp_path):
     assert len(ds) == 7
 
 
+def test_trl_prompt_completion_lines_and_the_rl_reference_column(tmp_path):
+    path = write_jsonl(tmp_path / "pc.jsonl", [
+        {"prompt": "Hi", "completion": "Hello!", "quality": 0.7},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}],
+         "completion": [{"role": "assistant", "content": "Because."}]},
+        {"prompt": "Only a prompt"},
+    ])
+    ds = load_chat_jsonl(path)
+    assert ds["prompt"][0] == [U("Hi")] and ds["completion"][0] == [A("Hello!")] and ds["quality"][0] == 0.7
+    assert ds["prompt"][1] == [{"role": "system", "content": "Be brief."}, U("Why?")]
+    assert ds["completion"][1] == [A("Because.")] and ds["completion"][2] == []
+    rl = load_chat_jsonl(path, completion_column="reference")  # TRL gives reward functions every column but this one
+    assert rl.column_names == ["prompt", "reference", "quality"] and rl["reference"][0] == [A("Hello!")]
+
+
 @pytest.mark.parametrize("line,reason", [
     ("{not json", "invalid JSON"),
     ('["a list"]', "expected a JSON object"),
-    ('{"quality": 1}', "exactly one of 'messages' or 'text'"),
+    ('{"quality": 1}', "exactly one of 'messages', 'text' or 'prompt'"),
+    ('{"messages": [{"content": "a"}], "prompt": "b"}', "exactly one of"),
+    ('{"text": "a", "completion": "b"}', "'completion' goes with 'prompt'"),
+    ('{"prompt": ""}', "'prompt' is empty"),
+    ('{"prompt": [{"content": "a"}]}', "'prompt' must be a string or a non-empty list of messages with roles"),
+    ('{"prompt": "a", "completion": 3}', "'completion' must be a string"),
+    ('{"prompt": [{"role": "assistant", "content": "a"}]}', "'prompt' has no user turn"),
     ('{"messages": [], "quality": 1}', "non-empty list"),
     ('{"messages": [{"content": 5}]}', r"messages\[0\] needs a string 'content'"),
     ('{"messages": [{"role": "user", "content": "a"}, {"content": "b"}]}', "some messages have a 'role'"),

@@ -4,12 +4,16 @@ Accepted lines (one JSON object each; blank lines are ignored):
 * `{"messages": [{"content": ...}, ...], "quality": 0.8}` — no roles: turns alternate user / assistant from the
   user. With role fields (OASST style: `role` = prompter|user|assistant|system, content in `content` or `text`),
   the roles are used, `prompter` -> `user`.
+* TRL's prompt/completion lines: `{"prompt": ..., "completion": ...}` (strings, or message lists with roles;
+  `completion` optional: a prompt-only line is what RL trainers generate from).
 * `{"text": ..., "quality": ...}` — a transcript with turn markers (`### Human:` / `### Assistant:`,
   `<|prompter|>` / `<|assistant|>`, `<|user|>` / `<|assistant|>`, or `Human:` / `User:` / `Assistant:` at the start of
   a line) is split into turns; text without markers is one user turn.
 A conversation ending with the assistant gives `prompt` = all turns before it and `completion` = [that turn]; one
 ending with the user is prompt-only (`completion` = []), which is what PPO/GRPO-style trainers generate from.
-`quality` (a number or null) stays a column. The file is UTF-8; a line that is not (Latin-1, UTF-16) is malformed.
+`quality` (a number or null) stays a column. For RL, load with `completion_column="reference"`: TRL never passes a
+column named `completion` to reward functions (it is the generated text there), and rewards such as
+`rat_hf.rewards.quality_reward` read the dataset's answer from `reference`. The file is UTF-8; a line that is not (Latin-1, UTF-16) is malformed.
 Every malformed line raises `ValueError("path:line: reason")`, or with
 `skip_invalid=True` is skipped and counted in a warning; nothing is dropped silently.
 """
@@ -88,11 +92,20 @@ def parse_chat_record(record) -> dict:
 def _parse(record) -> dict:
     if not isinstance(record, dict):
         raise _Invalid(f"expected a JSON object, got {type(record).__name__}")
-    if ("messages" in record) == ("text" in record):
-        raise _Invalid("expected exactly one of 'messages' or 'text'")
+    kinds = [key for key in ("messages", "text", "prompt") if key in record]
+    if len(kinds) != 1:
+        raise _Invalid("expected exactly one of 'messages', 'text' or 'prompt'")
+    if "completion" in record and kinds != ["prompt"]:
+        raise _Invalid("'completion' goes with 'prompt', not with 'messages' or 'text'")
     quality = record.get("quality")
     if quality is not None and (isinstance(quality, bool) or not isinstance(quality, (int, float))):
         raise _Invalid(f"'quality' must be a number or null, got {quality!r}")
+    if kinds == ["prompt"]:
+        prompt = _turns(record["prompt"], "prompt", "user")
+        completion = _turns(record["completion"], "completion", "assistant") if "completion" in record else []
+        if not any(m["role"] == "user" for m in prompt):
+            raise _Invalid("'prompt' has no user turn")
+        return {"prompt": prompt, "completion": completion, "quality": None if quality is None else float(quality)}
     msgs = _messages_from_list(record["messages"]) if "messages" in record else _messages_from_text(record["text"])
     if msgs[-1]["role"] == "assistant":
         prompt, completion = msgs[:-1], msgs[-1:]
@@ -103,6 +116,17 @@ def _parse(record) -> dict:
     return {"prompt": prompt, "completion": completion, "quality": None if quality is None else float(quality)}
 
 
+def _turns(value, field: str, role: str) -> list:
+    """A prompt/completion field: a string is one turn of `role`; a list is messages with roles."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise _Invalid(f"'{field}' is empty")
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return _messages_from_list(value)
+    raise _Invalid(f"'{field}' must be a string or a non-empty list of messages with roles")
+
+
 def _decode_line(raw: bytes, lineno: int) -> str:
     try:
         return decode_utf8_line(raw, lineno)
@@ -110,8 +134,11 @@ def _decode_line(raw: bytes, lineno: int) -> str:
         raise _Invalid(str(err)) from None
 
 
-def load_chat_jsonl(path, skip_invalid: bool = False):
+def load_chat_jsonl(path, skip_invalid: bool = False, completion_column: str = "completion"):
     """Read a chat JSONL file into a `datasets.Dataset` with `prompt`, `completion` (message lists), `quality`.
+
+    `completion_column` names the answer column: `"completion"` for SFT (TRL's prompt/completion format),
+    `"reference"` for RL trainers, which generate the completion and hand the dataset's answer to reward functions.
 
     The file must be UTF-8 (a leading byte-order mark is allowed). Malformed lines — including lines that are not
     UTF-8, e.g. a Latin-1 or UTF-16 file — raise `ValueError("path:line: reason")`; with `skip_invalid=True` they are
@@ -130,7 +157,8 @@ def load_chat_jsonl(path, skip_invalid: bool = False):
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise _Invalid(f"invalid JSON ({err.msg} at column {err.colno})") from None
-                rows.append(_parse(record))
+                row = _parse(record)
+                rows.append({"prompt": row["prompt"], completion_column: row["completion"], "quality": row["quality"]})
             except _Invalid as err:
                 message = f"{path}:{lineno}: {err}"
                 if not skip_invalid:
