@@ -1,0 +1,117 @@
+"""Chat RL with GRPO: TRL's `GRPOTrainer` + LoRA on RAT or any causal LM, rewards picked by name.
+
+    python recipes/grpo_chat.py --config recipes/configs/grpo_chat_tiny.yaml
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/grpo_chat.py \
+        --model_name_or_path outputs/rat-sft/merged --reward_funcs quality length format --beta 0.04 \
+        --num_generations 8 --max_completion_length 100 --output_dir outputs/rat-grpo \
+        --push_to_hub --hub_model_id you/rat-grpo
+
+Model: `--model_name_or_path` (a path or Hub id, e.g. `recipes/sft_chat.py`'s `merged/`), or a fresh RAT with a BPE
+trained on the conversations; RxT is refused in one line (GRPO scores completions with stateless forwards that bypass
+its memory). LoRA by default (`--use_peft false`: every weight; then `--beta > 0` needs a reference model, which TRL
+reloads from the policy's `name_or_path`: a model built or resized here is saved to `output_dir/base_model` first).
+Data: conversations cut before each assistant turn (`--dataset default`: the offline dialogs; or a chat JSONL in the
+PPO-chat seed's format), columns `prompt`, `reference` (the answer that followed) and `quality` for the rewards;
+prompts over `--max_prompt_length` tokens are left out. Rewards: `--reward_funcs` names from
+`rat_hf.rewards.REWARD_FUNCS` (quality, length, diversity, format, keyword) or `module.path:function`, weighted by
+`--reward_weights`; `--target_length` configures `length`. Training: every `GRPOConfig` field (`--beta`,
+`--num_generations`, `--temperature`, `--loss_type`, ...). Save (`--output_dir`): the adapter, `merged/` (the adapter
+merged into its base: what `--push_to_hub` uploads, with the model card), `training_stats.png` (reward, KL, entropy,
+completion length per step), `log_history.json`. Shared code: `rat_hf/recipes/chat_common.py`.
+"""
+
+import logging
+import shlex
+import sys
+from dataclasses import dataclass, field
+
+from transformers import set_seed
+from trl import GRPOConfig, get_peft_config
+
+from rat_hf.recipes._config import parse_args
+from rat_hf.recipes.chat_common import (
+    ChatDataArguments,
+    ChatModelArguments,
+    build_model_and_tokenizer,
+    grpo_trainer_class,
+    load_conversations,
+    message_texts,
+    prompt_dataset,
+    save_and_push,
+    save_base_model,
+)
+
+logger = logging.getLogger("rat_hf.chat")
+# What training_stats.png shows: {panel title: log keys (fnmatch patterns)}
+PANELS = {"reward": ["reward", "rewards/*/mean"], "KL to the reference": ["kl"], "entropy": ["entropy"],
+          "completion length (tokens)": ["completions/mean_length", "completions/mean_terminated_length"]}
+
+
+@dataclass
+class GRPOScriptArguments:
+    reward_funcs: list[str] = field(default_factory=lambda: ["quality", "length", "format"], metadata={
+        "help": "reward names (rat_hf.rewards.REWARD_FUNCS) or module.path:function, weighted by --reward_weights"})
+    target_length: float = field(default=50, metadata={"help": "length reward: the best length, in words"})
+    max_prompt_length: int = field(default=256, metadata={
+        "help": "leave out prompts longer than this many tokens, chat template applied (GRPOTrainer keeps them "
+                "whole, so one long history would dominate a batch's memory)"})
+    merge_adapter: bool = field(default=True, metadata={
+        "help": "also save the LoRA adapter merged into its base model (output_dir/merged), the folder pushed"})
+
+
+def reward_functions(names, target_length):
+    """The named rewards; `length` with `target_length` bound (TRL still logs it as length_reward)."""
+    from rat_hf.rewards import get_reward_funcs, length_reward, make_length_reward
+
+    return [make_length_reward(target_length) if f is length_reward else f for f in get_reward_funcs(names)]
+
+
+def main(argv=None):
+    """Run the recipe as `python recipes/grpo_chat.py ARGV` does; returns the trainer (its model, state, log)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    margs, dargs, sargs, args = parse_args((ChatModelArguments, ChatDataArguments, GRPOScriptArguments, GRPOConfig),
+                                           argv, prog="grpo_chat.py")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the card
+    rewards = reward_functions(sargs.reward_funcs, sargs.target_length)  # a bad name fails before any work
+
+    # ---- model (left padding: generation appends to the right of the prompts) ----------------------------------------
+    conversations, dataset_label = load_conversations(dargs)
+    model, tokenizer, changed = build_model_and_tokenizer(margs, message_texts(conversations), "grpo_chat.py",
+                                                          padding_side="left",
+                                                          trust_remote_code=args.trust_remote_code)
+    if changed:  # TRL reloads the reference (beta > 0, no LoRA) and the adapter records its base by this name
+        save_base_model(model, tokenizer, args.output_dir)
+
+    # ---- data ---------------------------------------------------------------------------------------------------------
+    train_set = prompt_dataset(conversations, tokenizer, sargs.max_prompt_length)
+    logger.info("model %s (%s parameters), %d prompts from %s, rewards %s", type(model).__name__,
+                f"{model.num_parameters():,}", len(train_set), dataset_label, ", ".join(sargs.reward_funcs))
+
+    # ---- training -----------------------------------------------------------------------------------------------------
+    trainer = grpo_trainer_class(model)(model=model, args=args, reward_funcs=rewards, train_dataset=train_set,
+                                        processing_class=tokenizer, peft_config=get_peft_config(margs))
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+
+    # ---- save, card, push ---------------------------------------------------------------------------------------------
+    config = {k: v for k, v in {**vars(margs), **vars(dargs), **vars(sargs)}.items() if v is not None}
+    config.update(learning_rate=args.learning_rate, max_steps=args.max_steps, beta=args.beta,
+                  num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+                  temperature=args.temperature, loss_type=args.loss_type, reward_weights=args.reward_weights)
+    folder = save_and_push(trainer, tokenizer, push=push, method="grpo", dataset_label=dataset_label, panels=PANELS,
+                           command=f"python recipes/grpo_chat.py {shlex.join(argv)}", config=config,
+                           merge_adapter=sargs.merge_adapter)
+    if trainer.is_world_process_zero():
+        rewards_logged = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+        if rewards_logged:
+            print(f"GRPO: mean reward {rewards_logged[0]:.4f} -> {rewards_logged[-1]:.4f} over "
+                  f"{trainer.state.global_step} steps; model in {folder}")
+    trainer.accelerator.end_training()
+    return trainer
+
+
+if __name__ == "__main__":
+    from rat_hf.recipes.chat_common import run_cli
+
+    run_cli(main, "grpo_chat.py")
