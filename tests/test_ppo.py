@@ -1,0 +1,350 @@
+"""PPO: the tensor functions (GAE per sequence, clipped losses, KL estimators), `PPOTrainer` on tiny RAT and Llama
+models (importance ratio exactly 1 on the first mini-batch, every parameter trained, LoRA reference = adapter-disabled
+base, reward at the last completion token with pad == EOS, the sampling distribution = softmax(logits / T), reward
+functions and models with dataset columns, learning on a learnable reward) and the `recipes/ppo_chat.py` recipe."""
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("datasets")
+
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import logging as hf_logging  # noqa: E402
+
+from rat_hf import RatConfig, RatForCausalLM, RatForSequenceClassification  # noqa: E402
+from rat_hf.tokenization.special_tokens import CHAT_TEMPLATE  # noqa: E402
+from rat_hf.trainers.ppo_config import PPOConfig  # noqa: E402
+from rat_hf.trainers.ppo_trainer import PPOTrainer, causal_lm_forward, completion_logits  # noqa: E402
+from rat_hf.trainers.ppo_utils import (clipped_policy_loss, clipped_value_loss, gae_advantages,  # noqa: E402
+                                       masked_mean, masked_whiten, per_token_kl, selective_log_softmax)
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "yes no maybe hello there how are you the cat sat on mat what is your name good morning".split()
+PROMPTS = ["hello there", "how are you", "what is your name", "the cat sat on the mat", "good morning",
+           "are you there"]
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    yield
+    hf_logging.set_verbosity(level)
+
+
+def word_tokenizer(pad_is_eos: bool = False):
+    """A 24-token word-level tokenizer with the project's chat template (small vocabulary: learning is fast)."""
+    special = ["[PAD]", "[BOS]", "[EOS]", "<|user|>", "<|assistant|>"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + WORDS)}, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="[BOS]", eos_token="[EOS]",
+                                   pad_token="[EOS]" if pad_is_eos else "[PAD]",
+                                   extra_special_tokens=["<|user|>", "<|assistant|>"], chat_template=CHAT_TEMPLATE)
+
+
+def tiny_rat(tok, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return RatForCausalLM(RatConfig(**{
+        "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, **overrides}))
+
+
+def tiny_llama(tok, seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+
+
+def ppo_args(tmp_path, **overrides):
+    return PPOConfig(**{
+        "output_dir": str(tmp_path / "ppo"), "per_device_train_batch_size": 4, "num_mini_batches": 2,
+        "num_ppo_epochs": 2, "max_new_tokens": 6, "max_steps": 4, "learning_rate": 1e-2, "report_to": "none",
+        "use_cpu": True, "save_strategy": "no", "disable_tqdm": True, "seed": 0, "logging_steps": 4, **overrides})
+
+
+def chat_dataset(n=24, **columns):
+    rows = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
+    return Dataset.from_dict({"prompt": rows, **{k: v[:n] for k, v in columns.items()}})
+
+
+def length_reward(prompts, completions, completion_ids, **kwargs):
+    return [float(len(ids)) for ids in completion_ids]
+
+
+# ---- ppo_utils ------------------------------------------------------------------------------------------------------
+def test_gae_matches_a_hand_computed_example_and_never_crosses_sequences():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3, 9.0], [0.1, 0.2, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    adv, ret = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    # row 0, backwards: d2 = 1 - .3 = .7, A2 = .7; d1 = .9*.3 - .4 = -.13, A1 = -.13 + .72*.7 = .374;
+    # d0 = .9*.4 - .5 = -.14, A0 = -.14 + .72*.374 = .12928. Row 1: d1 = 2 - .2 = 1.8; d0 = .9*.2 - .1 = .08,
+    # A0 = .08 + .72*1.8 = 1.376. Padding (value 9) never enters.
+    expected = torch.tensor([[0.12928, 0.374, 0.7, 0.0], [1.376, 1.8, 0.0, 0.0]])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(ret, (expected + values) * mask)
+    # per-sequence isolation: changing the other row changes nothing in this one
+    rewards2, values2 = rewards.clone(), values.clone()
+    rewards2[1], values2[1] = torch.tensor([5.0, -3.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])
+    torch.testing.assert_close(gae_advantages(rewards2, values2, mask, 0.9, 0.8)[0][0], adv[0])
+    # a row is computed as if alone, and an unmasked position inside a row is skipped, not a time step
+    alone = gae_advantages(rewards[1:], values[1:], mask[1:], 0.9, 0.8)[0]
+    torch.testing.assert_close(alone[0], adv[1])
+    gap_r = torch.tensor([[0.0, 7.0, 0.0, 1.0]])
+    gap_v = torch.tensor([[0.5, 9.0, 0.4, 0.3]])
+    gap = gae_advantages(gap_r, gap_v, torch.tensor([[1, 0, 1, 1]]), 0.9, 0.8)[0]
+    torch.testing.assert_close(gap[0, [0, 2, 3]], torch.tensor([0.12928, 0.374, 0.7]))
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        gae_advantages(rewards[0], values[0], mask[0], 1.0, 1.0)
+
+
+def test_losses_kl_and_masked_statistics():
+    mask = torch.tensor([[1, 1, 0]])
+    assert masked_mean(torch.tensor([[1.0, 3.0, 100.0]]), mask).item() == 2.0
+    assert masked_mean(torch.ones(1, 3), torch.zeros(1, 3)).item() == 0.0  # empty: 0, not NaN
+    white = masked_whiten(torch.tensor([[1.0, 3.0, 100.0]]), mask)
+    assert white[0, 2] == 0 and abs(white[0, :2].sum()) < 1e-6
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))  # ratios 1.5, 0.5, 1
+    loss, ratio, clipped = clipped_policy_loss(new, old, torch.tensor([[1.0, -1.0, 1.0]]), clip_eps=0.2)
+    torch.testing.assert_close(ratio, torch.tensor([[1.5, 0.5, 1.0]]))
+    torch.testing.assert_close(loss, torch.tensor([[-1.2, 0.8, -1.0]]))  # -min(A r, A clip(r))
+    assert clipped.tolist() == [[True, True, False]]
+    v_loss, v_clipped = clipped_value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), 0.2)
+    assert v_loss.item() == pytest.approx(0.5 * 1.8**2) and v_clipped.item()
+    assert clipped_value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), None)[0].item() == 0.5
+    # KL estimators on tokens drawn from p: k1 and k3 average to KL(p || q), k3 and k2 are >= 0 per token
+    gen = torch.Generator().manual_seed(0)
+    p, q = torch.softmax(torch.randn(8, generator=gen), 0), torch.softmax(torch.randn(8, generator=gen), 0)
+    tokens = torch.multinomial(p, 200000, replacement=True, generator=gen)[None]
+    lp, lq = p.log()[tokens], q.log()[tokens]
+    exact = (p * (p.log() - q.log())).sum().item()
+    for estimator in ("k1", "k3"):
+        assert per_token_kl(lp, lq, estimator).mean().item() == pytest.approx(exact, rel=0.03)
+    assert (per_token_kl(lp, lq, "k3") >= 0).all() and (per_token_kl(lp, lq, "k2") >= 0).all()
+    logits = torch.randn(2, 3, 5)
+    index = torch.randint(0, 5, (2, 3))
+    torch.testing.assert_close(selective_log_softmax(logits, index),
+                               torch.log_softmax(logits, -1).gather(-1, index[..., None]).squeeze(-1))
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------------------
+class RecordingPPOTrainer(PPOTrainer):
+    """Records the per-token importance ratios of every update micro-batch (global step, ratios on the mask)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ratios = []
+
+    def _policy_loss(self, outputs, inputs):
+        loss, stats = super()._policy_loss(outputs, inputs)
+        assert loss.shape == inputs["completion_mask"].shape  # per token, before any reduction
+        self.ratios.append((self.state.global_step, stats["ratio"][inputs["completion_mask"]].detach()))
+        return loss, stats
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_importance_ratio_is_exactly_one_on_the_first_mini_batch(tmp_path, disable_dropout):
+    """Old log-probs come from an eval-mode (dropout-free) forward. With dropout disabled in the models the update
+    forward is the same function, and the first pass visits the rollout in the chunks it was scored in: ratio == 1
+    bit for bit on both micro-batches of the first mini-batch. With dropout left on (the config has 0.1), it is not."""
+    tok = word_tokenizer()
+    model = tiny_rat(tok, hidden_dropout=0.1, attention_dropout=0.1)
+    args = ppo_args(tmp_path, gradient_accumulation_steps=2, disable_dropout=disable_dropout, kl_coef=0.1)
+    trainer = RecordingPPOTrainer(model, length_reward, args=args, train_dataset=chat_dataset(),
+                                  processing_class=tok)
+    trainer.train()
+    first = [r for step, r in trainer.ratios if step == 0]
+    later = [r for step, r in trainer.ratios if step > 0]
+    assert len(first) == 2 and len(later) == 6  # 4 optimizer steps x 2 micro-batches
+    if disable_dropout:
+        assert all(torch.equal(r, torch.ones_like(r)) for r in first)
+        assert model.config.hidden_dropout == 0.1  # the saved config keeps its dropout
+    else:
+        assert not any(torch.equal(r, torch.ones_like(r)) for r in first)
+    assert any((r - 1).abs().max() > 1e-3 for r in later)  # the policy did move
+
+
+@pytest.mark.parametrize("arch", ["rat", "llama", "rat_value_head"])
+def test_every_trainable_parameter_of_policy_and_value_model_changes(tmp_path, arch):
+    tok = word_tokenizer()
+    model = tiny_llama(tok) if arch == "llama" else tiny_rat(tok)
+    args = ppo_args(tmp_path, max_steps=6, value_head=arch == "rat_value_head", kl_coef=0.05)
+    trainer = PPOTrainer(model, length_reward, args=args, train_dataset=chat_dataset(), processing_class=tok)
+    wrapper = trainer.model
+    assert (wrapper.value_model is None) == (arch == "rat_value_head")
+    before = {n: p.detach().clone() for n, p in wrapper.named_parameters() if p.requires_grad}
+    assert any(n.startswith("value_model.") or n.startswith("value_head.") for n in before)
+    trainer.train()
+    unchanged = [n for n, p in wrapper.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert not unchanged, f"not trained: {unchanged}"
+    if trainer.ref_model is not None:  # the frozen copy stays what the policy was
+        ref = dict(trainer.ref_model.named_parameters())
+        assert all(torch.equal(ref[n.removeprefix("policy.")], p) for n, p in before.items() if n.startswith("policy."))
+    logs = [h for h in trainer.state.log_history if "policy_loss" in h][0]
+    for key in ("policy_loss", "value_loss", "entropy", "reward", "reward_std", "kl", "clip_fraction", "approx_kl",
+                "accuracy", "perplexity", "completions/mean_length", "time/rollout_per_step", "time/update_per_step"):
+        assert key in logs and math.isfinite(logs[key]), key
+
+
+def test_lora_reference_is_the_adapter_disabled_base(tmp_path):
+    from peft import LoraConfig
+
+    tok = word_tokenizer()
+    model = tiny_rat(tok)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = ppo_args(tmp_path, max_steps=8, kl_coef=0.1, value_head=True, learning_rate=3e-2)
+    trainer = PPOTrainer(model, length_reward, args=args, train_dataset=chat_dataset(), processing_class=tok,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"))
+    assert trainer.ref_model is None  # no copy: the reference is the same weights with the adapter off
+    trainer.train()
+    kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    policy = trainer.model.policy
+    lora = [n for n, p in policy.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all(not p.requires_grad for n, p in policy.named_parameters() if "lora_" not in n)
+    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+              for n, p in policy.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(frozen[n], p) for n, p in base.items())  # the base (= the reference) never moved
+    # log_history holds window means: the first rollout alone at step 4 (rollout of 8: 2 x 2 steps), then one more
+    first_rollout_kl = trainer.state.log_history[0]["kl"]
+    assert first_rollout_kl == 0.0, kls  # LoRA's B starts at 0: adapted == base, KL exactly 0
+    assert kls[-1] != 0.0
+
+
+def test_reward_at_the_last_token_with_pad_equal_to_eos_and_truncation(tmp_path):
+    """pad == EOS (as with tiktoken's cl100k, both 100257): each completion ends at its first EOS (included), one
+    without EOS keeps all max_new_tokens; with gamma = lam = 1, no KL and no whitening every token's return is the
+    completion's score, i.e. the score sits at its last token and nothing flows past the end."""
+    tok = word_tokenizer(pad_is_eos=True)
+    eos = tok.eos_token_id
+    seen = []
+
+    def recorder(prompts, completions, completion_ids, **kwargs):
+        seen.extend(completion_ids)
+        return [float(len(ids)) + 0.5 * ids.count(eos) for ids in completion_ids]
+
+    model = tiny_rat(tok, seed=3)
+    args = ppo_args(tmp_path, gamma=1.0, lam=1.0, kl_coef=0.0, whiten_advantages=False, max_new_tokens=5)
+    trainer = PPOTrainer(model, recorder, args=args, train_dataset=chat_dataset(), processing_class=tok)
+    dataloader = trainer.get_train_dataloader()
+    micro_batches = trainer._rollout(next(iter(dataloader)), 0)
+    ended = [ids for ids in seen if eos in ids]
+    assert ended and len(ended) < len(seen)  # both kinds occur
+    for ids in seen:
+        assert ids.count(eos) <= 1 and (ids[-1] == eos or len(ids) == 5) and (eos not in ids[:-1])
+    for mb in micro_batches[: len(micro_batches) // args.num_ppo_epochs]:
+        mask = mb["completion_mask"]
+        lengths = mask.sum(1)
+        last = mb["completion_ids"][torch.arange(len(mask)), lengths - 1]
+        score = lengths.float() + 0.5 * (last == eos).float()
+        torch.testing.assert_close(mb["returns"], score[:, None] * mask)
+
+
+def test_log_probs_are_those_of_the_sampling_distribution(tmp_path):
+    """Generation with the trainer's config samples from softmax(logits / T) even when the model's own
+    generation_config asks for top-k: the scores `generate` sampled from equal the trainer's log-probs."""
+    tok = word_tokenizer()
+    model = tiny_rat(tok)
+    model.generation_config.top_k, model.generation_config.top_p = 3, 0.5
+    trainer = PPOTrainer(model, length_reward, args=ppo_args(tmp_path, temperature=0.7), train_dataset=chat_dataset(),
+                         processing_class=tok)
+    policy = trainer.model.policy.eval()
+    enc = tok([trainer._prompt_text(p) for p in chat_dataset(4)["prompt"]], return_tensors="pt", padding=True,
+              padding_side="left", add_special_tokens=False)
+    out = policy.generate(**enc, generation_config=trainer.generation_config, output_scores=True,
+                          return_dict_in_generate=True)
+    completion = out.sequences[:, enc.input_ids.shape[1]:]
+    c = completion.shape[1]
+    sampled = torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(-1, completion[..., None])[..., 0]
+    ids = out.sequences
+    mask = torch.cat([enc.attention_mask, torch.ones_like(completion)], 1)
+    from rat_hf.trainers.ppo_trainer import position_ids_from_mask
+
+    with torch.no_grad():
+        logits = completion_logits(causal_lm_forward(policy, ids, mask, position_ids_from_mask(mask), c), c, 0.7)
+    ours = selective_log_softmax(logits, completion)
+    alive = torch.ones_like(completion, dtype=torch.bool)  # up to each row's first EOS (after it: padding)
+    for row in range(len(completion)):
+        hits = (completion[row] == tok.eos_token_id).nonzero()
+        if len(hits):
+            alive[row, hits[0, 0] + 1:] = False
+    torch.testing.assert_close(ours[alive], sampled[alive], atol=1e-4, rtol=1e-4)
+    assert (sampled[alive] > -math.inf).all()  # no token was masked out by a top-k/top-p warper
+
+
+def test_reward_functions_and_reward_models_get_columns_and_weights(tmp_path):
+    tok = word_tokenizer()
+    got = {}
+
+    def column_reward(prompts, completions, completion_ids, quality, trainer_state, log_metric, **kwargs):
+        got.update(prompts=prompts, completions=completions, quality=quality, kwargs=kwargs, step=trainer_state)
+        log_metric("custom_metric", 7.0)
+        return [q if q is not None else None for q in quality]
+
+    torch.manual_seed(1)
+    reward_model = RatForSequenceClassification(RatConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_labels=1, pad_token_id=tok.pad_token_id))
+    qualities = [1.0, None, 0.5, 0.25] * 6
+    ds = chat_dataset(quality=qualities, category=["greet"] * 24)
+    args = ppo_args(tmp_path, max_steps=2, reward_weights=[2.0, 1.0], logging_steps=1)
+    trainer = PPOTrainer(tiny_rat(tok), [column_reward, reward_model], args=args, train_dataset=ds,
+                         processing_class=tok, reward_processing_classes=[None, tok])
+    trainer.train()
+    assert got["kwargs"]["category"] == ["greet"] * 8 and len(got["quality"]) == 8
+    assert got["completions"][0][0]["role"] == "assistant" and isinstance(got["completions"][0][0]["content"], str)
+    log = trainer.state.log_history[0]
+    assert log["custom_metric"] == 7.0 and "rewards/column_reward/mean" in log
+    assert f"rewards/{trainer.reward_func_names[1]}/mean" in log
+    # the score of each completion: 2 * quality (None: left out of the sum) + the reward model's logit on the
+    # chat-templated conversation
+    rows = [ds[i] for i in range(4)]
+    prompts = [r["prompt"] for r in rows]
+    ids = torch.tensor([[5, 6, 2], [7, 2, 0], [8, 9, 10], [5, 2, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    scores = trainer._score(rows, prompts, ids, mask)
+    texts = tok.batch_decode([r[m].tolist() for r, m in zip(ids, mask)], skip_special_tokens=True)
+    joined = [tok.apply_chat_template(p + [{"role": "assistant", "content": t}], tokenize=False)
+              for p, t in zip(prompts, texts)]
+    with torch.no_grad():
+        rm = reward_model(**tok(joined, return_tensors="pt", padding=True, padding_side="right",
+                                add_special_tokens=False)).logits[:, 0]
+    expected = torch.tensor([2 * q if q is not None else 0.0 for q in qualities[:4]]) + rm
+    torch.testing.assert_close(scores, expected)
+    with pytest.raises(ValueError, match="reward_weights"):
+        PPOTrainer(tiny_rat(tok), [column_reward], args=ppo_args(tmp_path, reward_weights=[1.0, 2.0]),
+                   train_dataset=ds, processing_class=tok)
+    with pytest.raises(ValueError, match="'prompt' column"):
+        PPOTrainer(tiny_rat(tok), [column_reward], args=ppo_args(tmp_path), train_dataset=ds.rename_column(
+            "prompt", "messages"), processing_class=tok)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        ppo_args(tmp_path, kl_estimator="k4")
+
+
+def test_ppo_raises_a_learnable_reward(tmp_path):
+    """Reward = share of completion tokens that are "yes" (1 in 24 at start): PPO on a fresh tiny RAT must raise
+    it well above where it started within 40 optimizer steps (10 rollouts of 16)."""
+    tok = word_tokenizer()
+    target = tok.convert_tokens_to_ids("yes")
+
+    def yes_reward(prompts, completions, completion_ids, **kwargs):
+        return [sum(t == target for t in ids) / len(ids) for ids in completion_ids]
+
+    args = ppo_args(tmp_path, per_device_train_batch_size=8, max_steps=40, kl_coef=0.0, logging_steps=4,
+                    lr_scheduler_type="constant")
+    trainer = PPOTrainer(tiny_rat(tok), yes_reward, args=args, train_dataset=chat_dataset(60), processing_class=tok)
+    trainer.train()
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    assert len(rewards) == 10
+    start, end = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+    assert start < 0.15 and end > start + 0.3, rewards
