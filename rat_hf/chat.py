@@ -414,27 +414,17 @@ def read_conversation(path) -> list[dict]:
 def read_prompts(path) -> list[tuple[int, dict, list[dict]]]:
     """Batch prompts: `(line number, record, messages)` per prompt, `messages` ending with the user turn to answer.
 
-    A `.jsonl`/`.json` file holds one JSON object a line with `prompt` (a string, or TRL's conversational list of
-    messages) or `messages` (the seed's chat JSONL: the turns up to the last user message are the prompt; a reply
-    after it is a reference, kept in the record). Any other file: every non-blank line is one prompt, the record
-    `{"prompt": line}`. ValueError naming `path:line` for a malformed line, or when there is no prompt.
+    A `.jsonl`/`.json` file holds chat JSONL lines as `rat_hf.data.load_chat_jsonl` reads them: TRL's `prompt` (a
+    string or a list of messages; a `completion` beside it is a reference), or the seed's `messages` / `text` (the
+    turns up to the last user message are the prompt, a reply after it is a reference); the record is kept whole.
+    Any other file: every non-blank line is one prompt, the record `{"prompt": line}`. ValueError naming
+    `path:line` for a malformed line, or when there is no prompt.
     """
     prompts = []
     if Path(path).suffix.lower() in (".jsonl", ".json"):
         for lineno, record in _json_lines(path):
             where = f"{path}:{lineno}"
-            if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
-                raise ValueError(f"{where}: expected a JSON object with one of 'prompt' or 'messages'")
-            if "prompt" in record:
-                prompt = record["prompt"]
-                if not isinstance(prompt, (str, list)):
-                    raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got "
-                                     f"{type(prompt).__name__}")
-                messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
-                            else _messages({"messages": prompt}, where))
-            else:
-                # a trailing assistant reply is the reference (kept in the record), not part of the prompt
-                messages = _parse({"messages": record["messages"]}, where)["prompt"]
+            messages = _parse(record, where)["prompt"]
             if not messages or messages[-1]["role"] != "user":
                 raise ValueError(f"{where}: the prompt must end with a user message (it ends with "
                                  f"{messages[-1]['role'] if messages else 'nothing'})")

@@ -255,7 +255,7 @@ def test_batch_mode_writes_one_json_line_per_prompt(saved, tmp_path, capsys, mon
     jsonl = tmp_path / "prompts.jsonl"
     conversation = [{"content": "Hi"}, {"content": "Hello!"}, {"content": "How are you?"}, {"content": "Fine."}]
     jsonl.write_text("\n".join(json.dumps(r) for r in (
-        {"prompt": "Hello there", "id": 1},
+        {"prompt": "Hello there", "completion": "Hi!", "id": 1},  # TRL's format: the completion is a reference
         {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                     {"role": "user", "content": "How are you?"}]},
         {"messages": conversation, "quality": 0.5},  # the reply after the last user turn is a reference
@@ -285,8 +285,8 @@ def test_batch_mode_writes_one_json_line_per_prompt(saved, tmp_path, capsys, mon
     ('{"prompt": "ok"}\n{"prompt": "cut\n', "{path}:2: invalid JSON"),
     ('{"prompt": "ok"}\n{"messages": [{"role": "system", "content": "Be brief."}]}\n',
      "{path}:2: the prompt must end with a user message (it ends with system)"),
-    ('{"prompt": "ok"}\n\n{"question": "what?"}\n', "{path}:3: expected a JSON object with one of 'prompt' or"),
-    ('{"prompt": 3}\n', "{path}:1: 'prompt' must be a string or a list of messages"),
+    ('{"prompt": "ok"}\n\n{"question": "what?"}\n', "{path}:3: expected exactly one of 'messages', 'text' or"),
+    ('{"prompt": 3}\n', "{path}:1: 'prompt' must be a string or a non-empty list of messages"),
     ("", "--prompts '{path}' is empty"),
 ])
 def test_bad_prompts_files_are_one_line_errors(saved, tmp_path, capsys, monkeypatch, content, fragment):

@@ -10,7 +10,7 @@
   - `python recipes/X.py ARGS`, `accelerate launch --config_file F recipes/X.py ARGS`, `rat-train ARGS`: the script
     or console script exists, F is an accelerate config accelerate itself loads, and ARGS (with their `--config`
     file) parse with the recipe's own argument parser, i.e. every flag and every key of the config is accepted;
-  - `rat-generate`/`rat-eval`/`rat-test ARGS`: the console script is declared in pyproject.toml and its entry point,
+  - `rat-generate`/`rat-chat`/`rat-eval`/`rat-test ARGS`: the console script is declared in pyproject.toml and its entry point,
     run in-process with `--help` (the only thing executed), lists every flag of ARGS.
   A command this file does not know how to check fails the test, so a new README command cannot go unchecked.
 * Every `recipes/...` path and every accelerate config file named anywhere in the README exists.
