@@ -348,3 +348,67 @@ def test_ppo_raises_a_learnable_reward(tmp_path):
     assert len(rewards) == 10
     start, end = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
     assert start < 0.15 and end > start + 0.3, rewards
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_checkpoints_hold_policy_and_value_function_and_resume_loads_them(tmp_path, lora):
+    """A checkpoint is the policy (the adapter under LoRA) where `from_pretrained` finds it plus `value_model/` (or
+    `value_head.safetensors`); resuming loads both into a fresh trainer exactly."""
+    from peft import LoraConfig
+
+    tok = word_tokenizer()
+    peft = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM") if lora else None
+    args = ppo_args(tmp_path, save_strategy="steps", save_steps=4, value_head=lora)
+    first = PPOTrainer(tiny_rat(tok), length_reward, args=args, train_dataset=chat_dataset(), processing_class=tok,
+                       peft_config=peft)
+    first.train()
+    checkpoint = tmp_path / "ppo" / "checkpoint-4"
+    assert (checkpoint / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
+    assert (checkpoint / ("value_head.safetensors" if lora else "value_model/model.safetensors")).is_file()
+    model = tiny_rat(tok, seed=0 if lora else 1)  # under LoRA the checkpoint holds the adapter: same base
+    torch.manual_seed(1)  # another adapter / value init
+    second = PPOTrainer(model, length_reward, args=args, train_dataset=chat_dataset(), processing_class=tok,
+                        peft_config=peft)
+    trained = dict(first.model.named_parameters())
+    differs = [n for n, p in second.model.named_parameters() if not torch.equal(p, trained[n])]
+    assert any("value" in n for n in differs) and any(("lora_" if lora else "policy.") in n for n in differs)
+    second.train(resume_from_checkpoint=str(checkpoint))  # at max_steps already: loads, trains no further
+    assert all(torch.equal(p, trained[n]) for n, p in second.model.named_parameters())
+
+
+def test_recipe_trains_saves_and_reloads_with_auto_classes(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    spec = importlib.util.spec_from_file_location("recipe_ppo_chat", ROOT / "recipes" / "ppo_chat.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    start = {}
+
+    class Recording(recipe.PPOTrainer):
+        def train(self, *args, **kwargs):
+            start.update({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
+            return super().train(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "PPOTrainer", Recording)
+    out = tmp_path / "ppo_chat"
+    trainer = recipe.main(["--config", str(ROOT / "recipes/configs/ppo_chat_tiny.yaml"), "--output_dir", str(out),
+                           "--max_conversations", "24"])
+    wrapper = trainer.model
+    lora = [n for n in start if n.startswith("policy.")]
+    assert lora and all("lora_" in n for n in lora)  # LoRA: the policy trains its adapter only
+    unchanged = [n for n, p in wrapper.named_parameters() if n in start and torch.equal(p, start[n])]
+    assert not unchanged, unchanged
+    history = trainer.state.log_history
+    for key in ("reward", "rewards/quality_reward/mean", "rewards/length_reward/mean", "rewards/format_reward/mean",
+                "kl", "entropy", "policy_loss", "value_loss", "completions/mean_length"):
+        assert any(key in e for e in history), key
+    ids = torch.randint(6, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = wrapper.policy.eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        value_model = AutoModelForSequenceClassification.from_pretrained(out / "value_model").eval()
+        torch.testing.assert_close(value_model(input_ids=ids).logits, wrapper.value_model.eval()(input_ids=ids).logits)
+    assert (out / "training_stats.png").stat().st_size > 10_000 and (out / "log_history.json").is_file()
+    assert "- ppo" in (out / "merged" / "README.md").read_text()

@@ -69,6 +69,9 @@ class PPOConfig(TrainingArguments):
                                          "sequence-classification copy of the policy (num_labels=1, trunk copied)"})
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "one weight per reward function (TRL's GRPOConfig.reward_weights); None: 1 each"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "passed to from_pretrained for models and tokenizers given by name (policy, "
+                                         "value, reference and reward models)"})
     # ---- generation -------------------------------------------------------------------------------------------------
     temperature: float = field(
         default=0.7, metadata={"help": "sampling temperature (the seed's 0.7). Log-probs, ratios, KL and entropy all "

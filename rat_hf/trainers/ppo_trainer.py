@@ -235,9 +235,10 @@ class PPOTrainer(Trainer):
         args = args if args is not None else PPOConfig(output_dir="outputs/ppo")
         if not isinstance(args, PPOConfig):
             raise ValueError(f"PPOTrainer: args must be a PPOConfig, got {type(args).__name__}")
-        policy = AutoModelForCausalLM.from_pretrained(model) if isinstance(model, str) else model
+        remote = {"trust_remote_code": args.trust_remote_code}
+        policy = AutoModelForCausalLM.from_pretrained(model, **remote) if isinstance(model, str) else model
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(policy.config._name_or_path)
+            processing_class = AutoTokenizer.from_pretrained(policy.config._name_or_path, **remote)
         self._stop_token_ids = self._stop_ids(policy, processing_class)
         if processing_class.pad_token_id is None:  # safe: completion masks come from the first EOS, never from pads
             logger.warning("the tokenizer has no pad token: padding with its EOS token %r", processing_class.eos_token)
@@ -250,7 +251,7 @@ class PPOTrainer(Trainer):
         # value function (built from the plain policy, before any adapter is added)
         value_head = None
         if isinstance(value_model, str):
-            value_model = AutoModelForSequenceClassification.from_pretrained(value_model, num_labels=1)
+            value_model = AutoModelForSequenceClassification.from_pretrained(value_model, num_labels=1, **remote)
         if value_model is None and args.value_head:
             hidden = policy.config.get_text_config().hidden_size
             value_head = nn.Linear(hidden, 1, bias=True).to(dtype=policy.dtype, device=policy.device)
@@ -266,7 +267,7 @@ class PPOTrainer(Trainer):
                 raise ValueError("PPOTrainer: the model is already a PeftModel; leave peft_config out")
             policy = get_peft_model(policy, peft_config)
         if isinstance(ref_model, str):
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **remote)
         if args.kl_coef > 0 and ref_model is None and not is_peft_model(policy):
             ref_model = copy.deepcopy(policy)
         self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None and args.kl_coef > 0 else None
@@ -280,8 +281,8 @@ class PPOTrainer(Trainer):
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not reward_funcs:
             raise ValueError("PPOTrainer: reward_funcs is empty")
-        reward_funcs = [AutoModelForSequenceClassification.from_pretrained(f, num_labels=1) if isinstance(f, str)
-                        else f for f in reward_funcs]
+        reward_funcs = [AutoModelForSequenceClassification.from_pretrained(f, num_labels=1, **remote)
+                        if isinstance(f, str) else f for f in reward_funcs]
         for f in reward_funcs:
             if not (callable(f) or isinstance(f, nn.Module)):
                 raise ValueError(f"reward_funcs: expected callables or reward models, got {type(f).__name__}")
@@ -300,7 +301,7 @@ class PPOTrainer(Trainer):
         for i, f in enumerate(reward_funcs):
             if isinstance(f, PreTrainedModel):  # scored by logits[:, 0], as TRL does
                 if reward_processing_classes[i] is None:
-                    reward_processing_classes[i] = AutoTokenizer.from_pretrained(f.config._name_or_path)
+                    reward_processing_classes[i] = AutoTokenizer.from_pretrained(f.config._name_or_path, **remote)
                 f.eval().requires_grad_(False)
         self.reward_funcs, self.reward_processing_classes = reward_funcs, reward_processing_classes
         self.reward_func_names = [reward_func_name(f) for f in reward_funcs]
