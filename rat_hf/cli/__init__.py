@@ -24,7 +24,7 @@ from .eval import build_eval_parser, eval_main, parse_rlm_spec
 from .generate import build_generate_parser, generate_main
 from .selftest import build_test_parser, test_main
 
-TOOLS = ("generate", "chat", "eval", "test", "train")
+TOOLS = ("generate", "eval", "test", "train", "chat")
 
 __all__ = ["CLIError", "build_chat_parser", "build_eval_parser", "build_generate_parser", "build_test_parser",
            "chat_main", "eval_main", "generate_main", "main", "parse_rlm_spec", "test_main"]
