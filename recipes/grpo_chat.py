@@ -23,16 +23,15 @@ completion length per step), `log_history.json`. Shared code: `rat_hf/recipes/ch
 import logging
 import shlex
 import sys
-from dataclasses import dataclass, field
 
 from transformers import set_seed
-from trl import GRPOConfig, get_peft_config
+from trl import get_peft_config
 
 from rat_hf.recipes._config import parse_args
 from rat_hf.recipes.chat_common import (
-    ChatDataArguments,
-    ChatModelArguments,
+    GRPO_ARGUMENTS,
     build_model_and_tokenizer,
+    check_model_arguments,
     grpo_trainer_class,
     load_conversations,
     message_texts,
@@ -47,18 +46,6 @@ PANELS = {"reward": ["reward", "rewards/*/mean"], "KL to the reference": ["kl"],
           "completion length (tokens)": ["completions/mean_length", "completions/mean_terminated_length"]}
 
 
-@dataclass
-class GRPOScriptArguments:
-    reward_funcs: list[str] = field(default_factory=lambda: ["quality", "length", "format"], metadata={
-        "help": "reward names (rat_hf.rewards.REWARD_FUNCS) or module.path:function, weighted by --reward_weights"})
-    target_length: float = field(default=50, metadata={"help": "length reward: the best length, in words"})
-    max_prompt_length: int = field(default=256, metadata={
-        "help": "leave out prompts longer than this many tokens, chat template applied (GRPOTrainer keeps them "
-                "whole, so one long history would dominate a batch's memory)"})
-    merge_adapter: bool = field(default=True, metadata={
-        "help": "also save the LoRA adapter merged into its base model (output_dir/merged), the folder pushed"})
-
-
 def reward_functions(names, target_length):
     """The named rewards; `length` with `target_length` bound (TRL still logs it as length_reward)."""
     from rat_hf.rewards import get_reward_funcs, length_reward, make_length_reward
@@ -69,12 +56,12 @@ def reward_functions(names, target_length):
 def main(argv=None):
     """Run the recipe as `python recipes/grpo_chat.py ARGV` does; returns the trainer (its model, state, log)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    margs, dargs, sargs, args = parse_args((ChatModelArguments, ChatDataArguments, GRPOScriptArguments, GRPOConfig),
-                                           argv, prog="grpo_chat.py")
+    margs, dargs, sargs, args = parse_args(GRPO_ARGUMENTS, argv, prog="grpo_chat.py")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the card
     rewards = reward_functions(sargs.reward_funcs, sargs.target_length)  # a bad name fails before any work
+    check_model_arguments(margs, "grpo_chat.py", args.trust_remote_code)  # e.g. RxT: refused before any work
 
     # ---- model (left padding: generation appends to the right of the prompts) ----------------------------------------
     conversations, dataset_label = load_conversations(dargs)
@@ -84,17 +71,17 @@ def main(argv=None):
     if changed:  # TRL reloads the reference (beta > 0, no LoRA) and the adapter records its base by this name
         save_base_model(model, tokenizer, args.output_dir)
 
-    # ---- data ---------------------------------------------------------------------------------------------------------
+    # ---- data --------------------------------------------------------------------------------------------------------
     train_set = prompt_dataset(conversations, tokenizer, sargs.max_prompt_length)
     logger.info("model %s (%s parameters), %d prompts from %s, rewards %s", type(model).__name__,
                 f"{model.num_parameters():,}", len(train_set), dataset_label, ", ".join(sargs.reward_funcs))
 
-    # ---- training -----------------------------------------------------------------------------------------------------
+    # ---- training ----------------------------------------------------------------------------------------------------
     trainer = grpo_trainer_class(model)(model=model, args=args, reward_funcs=rewards, train_dataset=train_set,
                                         processing_class=tokenizer, peft_config=get_peft_config(margs))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
-    # ---- save, card, push ---------------------------------------------------------------------------------------------
+    # ---- save, card, push --------------------------------------------------------------------------------------------
     config = {k: v for k, v in {**vars(margs), **vars(dargs), **vars(sargs)}.items() if v is not None}
     config.update(learning_rate=args.learning_rate, max_steps=args.max_steps, beta=args.beta,
                   num_generations=args.num_generations, max_completion_length=args.max_completion_length,

@@ -20,16 +20,15 @@ import logging
 import re
 import shlex
 import sys
-from dataclasses import dataclass, field
 
 from transformers import set_seed
-from trl import SFTConfig, get_peft_config
+from trl import get_peft_config
 
 from rat_hf.recipes._config import parse_args
 from rat_hf.recipes.chat_common import (
-    ChatDataArguments,
-    ChatModelArguments,
+    SFT_ARGUMENTS,
     build_model_and_tokenizer,
+    check_model_arguments,
     load_conversations,
     message_texts,
     save_and_push,
@@ -46,22 +45,16 @@ PANELS = {"loss": ["loss", "eval_loss"], "token accuracy": ["mean_token_accuracy
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-@dataclass
-class SFTScriptArguments:
-    merge_adapter: bool = field(default=True, metadata={
-        "help": "also save the LoRA adapter merged into its base model (output_dir/merged), the folder pushed"})
-
-
 def main(argv=None):
     """Run the recipe as `python recipes/sft_chat.py ARGV` does; returns the trainer (its model, state, log)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    margs, dargs, sargs, args = parse_args((ChatModelArguments, ChatDataArguments, SFTScriptArguments, SFTConfig),
-                                           argv, prog="sft_chat.py")
+    margs, dargs, sargs, args = parse_args(SFT_ARGUMENTS, argv, prog="sft_chat.py")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the card
+    check_model_arguments(margs, "sft_chat.py", args.trust_remote_code)  # e.g. RxT: refused before any work
 
-    # ---- data ---------------------------------------------------------------------------------------------------------
+    # ---- data --------------------------------------------------------------------------------------------------------
     conversations, dataset_label = load_conversations(dargs)
     train_set = sft_dataset(conversations)
 
@@ -79,12 +72,12 @@ def main(argv=None):
     logger.info("model %s (%s parameters), %d conversations from %s", type(model).__name__,
                 f"{model.num_parameters():,}", len(train_set), dataset_label)
 
-    # ---- training -----------------------------------------------------------------------------------------------------
+    # ---- training ----------------------------------------------------------------------------------------------------
     trainer = sft_trainer_class(model)(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
                                        peft_config=get_peft_config(margs))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
-    # ---- save, card, push ---------------------------------------------------------------------------------------------
+    # ---- save, card, push --------------------------------------------------------------------------------------------
     config = {k: v for k, v in {**vars(margs), **vars(dargs), **vars(sargs)}.items() if v is not None}
     config.update(learning_rate=args.learning_rate, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
                   assistant_only_loss=args.assistant_only_loss, max_length=args.max_length)

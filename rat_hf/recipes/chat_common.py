@@ -1,7 +1,9 @@
 """What the chat recipes share (`recipes/sft_chat.py`, `recipes/grpo_chat.py`, `recipes/ppo_chat.py`).
 
 - Arguments: `ChatModelArguments` (TRL's `ModelConfig` with LoRA on by default, plus the fresh RAT's config and
-  tokenizer) and `ChatDataArguments` (the offline default dialogs or a chat JSONL in the PPO-chat seed's format).
+  tokenizer), `ChatDataArguments` (the offline default dialogs or a chat JSONL in the PPO-chat seed's format), each
+  recipe's own (`SFTScriptArguments`, `GRPOScriptArguments`) and the tuples the recipes parse (`SFT_ARGUMENTS`,
+  `GRPO_ARGUMENTS`, ending with TRL's `SFTConfig` / `GRPOConfig`).
 - Model: `build_model_and_tokenizer` loads a causal LM from a path / Hub id, or builds a fresh RAT in memory with a
   byte-level BPE trained on the conversations (`bpe:N`) or tiktoken's cl100k; RxT is refused in one line
   (`refuse_rxt`). The tokenizer gets a chat template (ours when it has none), a pad token distinct from EOS (a pad that
@@ -24,7 +26,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from trl import ModelConfig
+from trl import GRPOConfig, ModelConfig, SFTConfig
 
 logger = logging.getLogger("rat_hf.chat")
 
@@ -62,6 +64,29 @@ class ChatDataArguments:
         "help": "JSONL: skip malformed lines (counted in a warning) instead of stopping at the first"})
 
 
+@dataclass
+class SFTScriptArguments:
+    merge_adapter: bool = field(default=True, metadata={
+        "help": "also save the LoRA adapter merged into its base model (output_dir/merged), the folder pushed"})
+
+
+@dataclass
+class GRPOScriptArguments:
+    reward_funcs: list[str] = field(default_factory=lambda: ["quality", "length", "format"], metadata={
+        "help": "reward names (rat_hf.rewards.REWARD_FUNCS) or module.path:function, weighted by --reward_weights"})
+    target_length: float = field(default=50, metadata={"help": "length reward: the best length, in words"})
+    max_prompt_length: int = field(default=256, metadata={
+        "help": "leave out prompts longer than this many tokens, chat template applied (GRPOTrainer keeps them "
+                "whole, so one long history would dominate a batch's memory)"})
+    merge_adapter: bool = field(default=True, metadata={
+        "help": "also save the LoRA adapter merged into its base model (output_dir/merged), the folder pushed"})
+
+
+# What each recipe parses (`--config` YAML keys and flags), in this order
+SFT_ARGUMENTS = (ChatModelArguments, ChatDataArguments, SFTScriptArguments, SFTConfig)
+GRPO_ARGUMENTS = (ChatModelArguments, ChatDataArguments, GRPOScriptArguments, GRPOConfig)
+
+
 # ---- model and tokenizer ---------------------------------------------------------------------------------------------
 def refuse_rxt(config, recipe: str) -> None:
     """One-line ValueError for a Reactive Transformer: these recipes cannot train what it chats with."""
@@ -90,23 +115,42 @@ def prepare_tokenizer(tokenizer, padding_side: str) -> None:
     tokenizer.padding_side = padding_side
 
 
+def check_model_arguments(margs: ChatModelArguments, recipe: str, trust_remote_code: bool = False):
+    """Fail before any work on a model that cannot be used: -> the checkpoint's config (RxT refused), or the fresh
+    RAT's fields (a dict) when no --model_name_or_path is given."""
+    from transformers import AutoConfig
+
+    from rat_hf.cli._common import from_local_or_hub
+
+    if margs.model_name_or_path:
+        config = from_local_or_hub(AutoConfig.from_pretrained, margs.model_name_or_path, "--model_name_or_path",
+                                   "config.json", trust_remote_code=trust_remote_code)
+        refuse_rxt(config, recipe)
+        return config
+    try:
+        fields = json.loads(margs.model_config_overrides or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model_config_overrides is not valid JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"--model_config_overrides must be a JSON object of RatConfig fields, got {fields!r}")
+    return fields
+
+
 def build_model_and_tokenizer(margs: ChatModelArguments, texts, recipe: str, padding_side: str,
                               trust_remote_code: bool = False):
     """-> (model, tokenizer, changed): `changed` is True when the model exists only here (built in memory, or
     loaded and then given new token embeddings), so it must be saved before anything reloads it by name."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from rat_hf import RatConfig, RatForCausalLM
-    from rat_hf.cli._common import from_local_or_hub, from_pretrained_checked, load_tokenizer
+    from rat_hf.cli._common import from_pretrained_checked, load_tokenizer
     from rat_hf.recipes.pretrain import build_tokenizer
 
+    checked = check_model_arguments(margs, recipe, trust_remote_code)  # RxT refused before any weights load
     dtype = None if margs.dtype in (None, "auto") else getattr(torch, margs.dtype)
     if margs.model_name_or_path:
         path = margs.model_name_or_path
-        config = from_local_or_hub(AutoConfig.from_pretrained, path, "--model_name_or_path", "config.json",
-                                   trust_remote_code=trust_remote_code)
-        refuse_rxt(config, recipe)  # before loading any weights
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, what="--model_name_or_path")
         prepare_tokenizer(tokenizer, padding_side)
         kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -118,12 +162,7 @@ def build_model_and_tokenizer(margs: ChatModelArguments, texts, recipe: str, pad
         if changed:  # the pad token is new: new rows are the mean of the others (transformers' default)
             model.resize_token_embeddings(len(tokenizer))
     else:
-        try:
-            fields = json.loads(margs.model_config_overrides or "{}")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--model_config_overrides is not valid JSON: {e}") from None
-        if not isinstance(fields, dict):
-            raise ValueError(f"--model_config_overrides must be a JSON object of RatConfig fields, got {fields!r}")
+        fields = dict(checked)
         tokenizer = build_tokenizer(margs.tokenizer, texts)
         prepare_tokenizer(tokenizer, padding_side)  # before the model: its vocabulary includes a new pad token
         fields.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -298,9 +337,12 @@ def save_and_push(trainer, tokenizer, *, push: bool, method: str, command: str, 
     model, folder = trainer.accelerator.unwrap_model(trainer.model), args.output_dir
     is_peft = hasattr(model, "peft_config")
     base_name = model.peft_config["default"].base_model_name_or_path if is_peft else None
-    if is_peft and merge_adapter:
+    if is_peft and merge_adapter:  # merged from what was saved (base + adapter, on the CPU): the trainer's model
+        from peft import AutoPeftModelForCausalLM  # keeps its adapter, and the saved adapter is known to load
+
         folder = os.path.join(args.output_dir, MERGED_DIR)
-        model = model.merge_and_unload()  # training is over: merging in place is fine
+        model = AutoPeftModelForCausalLM.from_pretrained(args.output_dir, dtype=model.dtype,
+                                                         trust_remote_code=args.trust_remote_code).merge_and_unload()
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     # the last logged value of every metric (the final summary's train_loss and runtime included)
