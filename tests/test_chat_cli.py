@@ -330,3 +330,36 @@ def test_diagnostics_flag_an_end_of_text_that_is_an_ordinary_token(saved):
     token = saved["tokenizer"].convert_ids_to_tokens(100)
     assert f"the model's eos_token_id: id 100 is the ordinary token {token!r}" in report["problems"]
     assert "the tokenizer's EOS is 2, the model's [100]" in report["problems"]
+
+
+def test_diagnostics_on_cl100k_name_its_end_of_text():
+    """cl100k's end-of-text is 100257; the seed's fallback 50256 is the ordinary token 'parable' there."""
+    from rat_hf.tokenization import tiktoken_tokenizer
+
+    tokenizer = tiktoken_tokenizer()
+    model = RatForCausalLM(RatConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32, eos_token_id=50256,
+                                     pad_token_id=100257))
+    report = ChatInterface(model, tokenizer).diagnostics("Hello, world! 12345 tokens")
+    assert report["round_trip"] and report["eos_token_id"] == 100257 == report["special_tokens"]["<|endoftext|>"]
+    assert report["problems"] == ["the model's eos_token_id: id 50256 is the ordinary token 'parable'",
+                                  "the tokenizer's EOS is 100257, the model's [50256]"]
+    assert report["notes"] == ["PAD is EOS: fine for chat; RL trainers need a pad token distinct from EOS"]
+
+
+def test_a_tokenizer_without_chat_template_gets_rat_hfs_with_a_note(saved, tmp_path, capsys, monkeypatch):
+    from rat_hf.tokenization import CHAT_TEMPLATE
+
+    plain = saved["tokenizer"].__class__.from_pretrained(saved["rat"])
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.warns(UserWarning, match="the tokenizer has no chat template; using rat_hf's"):
+        bot = ChatInterface(saved["rat"], tmp_path / "plain", temperature=0)
+    assert bot.chat_template == CHAT_TEMPLATE
+    assert bot.prompt_ids("hi") == saved["tokenizer"](saved["tokenizer"].apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False)["input_ids"]
+    code, out, err = chat(capsys, monkeypatch, "hi\n", "--model", saved["rat"], "--tokenizer", str(tmp_path / "plain"),
+                          "--max_new_tokens", "3")
+    assert code == 0 and out.startswith("Assistant: ")
+    assert "rat-chat: note: the tokenizer has no chat template; using rat_hf's" in err
