@@ -1,4 +1,4 @@
-"""Chat RL with PPO: rat_hf's `PPOTrainer` (a learned value function, GAE, clipped losses) + LoRA on RAT or any causal LM.
+"""Chat RL with PPO: rat_hf's `PPOTrainer` (learned value function, GAE, clipped losses) + LoRA on RAT or any causal LM.
 
     python recipes/ppo_chat.py --config recipes/configs/ppo_chat_tiny.yaml
     accelerate launch recipes/ppo_chat.py --config recipes/configs/ppo_chat_tiny.yaml
@@ -95,17 +95,17 @@ def main(argv=None):
     if changed:  # the LoRA adapter records its base by this name (and the merged model is rebuilt from it)
         save_base_model(model, tokenizer, args.output_dir)
 
-    # ---- data ---------------------------------------------------------------------------------------------------------
+    # ---- data --------------------------------------------------------------------------------------------------------
     train_set = prompt_dataset(conversations, tokenizer, args.max_prompt_length or sys.maxsize)
     logger.info("model %s (%s parameters), %d prompts from %s, rewards %s", type(model).__name__,
                 f"{model.num_parameters():,}", len(train_set), dataset_label, ", ".join(sargs.reward_funcs))
 
-    # ---- training -----------------------------------------------------------------------------------------------------
+    # ---- training ----------------------------------------------------------------------------------------------------
     trainer = PPOTrainer(model, rewards, args=args, train_dataset=train_set, processing_class=tokenizer,
                          peft_config=get_peft_config(margs))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
-    # ---- save, card, push ---------------------------------------------------------------------------------------------
+    # ---- save, card, push --------------------------------------------------------------------------------------------
     config = {k: v for k, v in {**vars(margs), **vars(dargs), **vars(sargs)}.items() if v is not None}
     config.update({k: getattr(args, k) for k in (
         "learning_rate", "max_steps", "kl_coef", "clip_eps", "value_clip_eps", "vf_coef", "entropy_coef", "gamma",

@@ -28,9 +28,9 @@ class PPOConfig(TrainingArguments):
         default=0.2, metadata={"help": "clip of the value prediction around its rollout value (TRL's cliprange_value "
                                        "0.2); None: plain squared error"})
     vf_coef: float = field(
-        default=0.1, metadata={"help": "weight of the value loss. It is summed with the policy loss before the global "
-                                       "gradient-norm clip, so a large value loss would shrink the policy's step (TRL's "
-                                       "0.1)"})
+        default=0.1, metadata={"help": "weight of the value loss. It is summed with the policy loss before the "
+                                       "global gradient-norm clip, so a large value loss would shrink the policy's "
+                                       "step (TRL's 0.1)"})
     entropy_coef: float = field(
         default=0.0, metadata={"help": "weight of the entropy bonus (of the sampling distribution, logits / "
                                        "temperature). 0: over a large vocabulary a bonus mostly rewards mass on junk "
@@ -53,8 +53,8 @@ class PPOConfig(TrainingArguments):
                                      "importance ratio exactly 1"})
     num_mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass over a rollout"})
     num_generations: int = field(
-        default=1, metadata={"help": "completions sampled per prompt in a rollout (PPO's value baseline needs no group; "
-                                     ">1 gives several samples of one prompt)"})
+        default=1, metadata={"help": "completions sampled per prompt in a rollout (PPO's value baseline needs no "
+                                     "group; >1 gives several samples of one prompt)"})
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "subtracted from the score of a completion cut at max_new_tokens without EOS. "
                                         "Either way such a completion is terminal at that horizon and scored as is"})
@@ -68,7 +68,8 @@ class PPOConfig(TrainingArguments):
                                          "last hidden state (shared trunk, one forward); False, a separate "
                                          "sequence-classification copy of the policy (num_labels=1, trunk copied)"})
     reward_weights: list[float] | None = field(
-        default=None, metadata={"help": "one weight per reward function (TRL's GRPOConfig.reward_weights); None: 1 each"})
+        default=None, metadata={"help": "one weight per reward function (TRL's GRPOConfig.reward_weights); "
+                                        "None: 1 each"})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "passed to from_pretrained for models and tokenizers given by name (policy, "
                                          "value, reference and reward models)"})

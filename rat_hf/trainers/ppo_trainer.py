@@ -176,6 +176,11 @@ def value_model_from_policy(policy: PreTrainedModel, pad_token_id: int | None) -
     return value_model
 
 
+def keep_rows(rows: list) -> list:
+    """The data collator: the dataset rows as they are (prompts and the columns for the reward functions)."""
+    return rows
+
+
 def reward_func_name(func) -> str:
     if isinstance(func, nn.Module):
         return str(getattr(func.config, "_name_or_path", "") or type(func).__name__).rstrip("/").split("/")[-1]
@@ -199,7 +204,8 @@ class RolloutSampler(Sampler):
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return (self.num_rows // self.prompts_per_rollout) * self.prompts_per_rollout * self.num_generations * self.repeats
+        rollouts = self.num_rows // self.prompts_per_rollout
+        return rollouts * self.prompts_per_rollout * self.num_generations * self.repeats
 
     def __iter__(self):
         order = torch.randperm(self.num_rows, generator=self.generator).tolist()
@@ -313,7 +319,7 @@ class PPOTrainer(Trainer):
                              f"{columns}")
 
         wrapper = PolicyAndValueModel(policy, value_model=value_model, value_head=value_head)
-        super().__init__(model=wrapper, args=args, data_collator=lambda rows: rows, train_dataset=train_dataset,
+        super().__init__(model=wrapper, args=args, data_collator=keep_rows, train_dataset=train_dataset,
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("PPOTrainer supports one process or DDP; FSDP and DeepSpeed are not supported")
@@ -345,8 +351,8 @@ class PPOTrainer(Trainer):
         ids += list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos]
         ids = sorted({int(i) for i in ids if i is not None})
         if not ids:
-            raise ValueError("PPOTrainer: neither the tokenizer nor the model's generation_config defines an EOS token: "
-                             "completions could not end")
+            raise ValueError("PPOTrainer: neither the tokenizer nor the model's generation_config defines an EOS "
+                             "token: completions could not end")
         return ids
 
     # ---- data --------------------------------------------------------------------------------------------------------
@@ -396,9 +402,16 @@ class PPOTrainer(Trainer):
     @torch.no_grad()
     def _rollout(self, inputs: list, rollout_index: int) -> list:
         """Generate, score and evaluate one rollout; returns its micro-batches in training order."""
-        args, device, tok = self.args, self.accelerator.device, self.processing_class
-        wrapper = self.accelerator.unwrap_model(self.model)
+        wrapper = self.accelerator.unwrap_model(self.model)  # keeps accelerate's autocast wrapper of forward
         wrapper.eval()  # dropout off for generation, old log-probs and values
+        with self.accelerator.autocast():  # generation and reference in the precision regime of the updates
+            micro_batches = self._rollout_batches(wrapper, inputs, rollout_index)
+        wrapper.train()
+        return micro_batches
+
+    def _rollout_batches(self, wrapper, inputs: list, rollout_index: int) -> list:
+        """`_rollout`'s work (in eval mode, under no_grad and the updates' autocast)."""
+        args, device, tok = self.args, self.accelerator.device, self.processing_class
         prompts = [row["prompt"] for row in inputs]
         encoded = tok(text=[self._prompt_text(p) for p in prompts], return_tensors="pt", padding=True,
                       padding_side="left", add_special_tokens=False)
@@ -441,7 +454,6 @@ class PPOTrainer(Trainer):
                     ref_outputs = causal_lm_forward(self.ref_model, *batch)
                 ref_logits = completion_logits(ref_outputs, num_tokens, args.temperature)
                 ref_log_probs.append(selective_log_softmax(ref_logits, completion_ids[rows]))
-        wrapper.train()
         old_log_probs, old_values = torch.cat(old_log_probs), torch.cat(old_values)
         mask_f = completion_mask.float()
 
@@ -474,8 +486,8 @@ class PPOTrainer(Trainer):
                    "old_log_probs": old_log_probs, "old_values": old_values, "advantages": advantages,
                    "returns": returns}
         size = args.per_device_train_batch_size
-        return [{**{k: v[order[i:i + size].to(device)] for k, v in tensors.items()}, "num_completion_tokens": num_tokens}
-                for order in orders for i in range(0, n, size)]
+        return [{**{k: v[order[i:i + size].to(device)] for k, v in tensors.items()},
+                 "num_completion_tokens": num_tokens} for order in orders for i in range(0, n, size)]
 
     def _score(self, inputs: list, prompts: list, completion_ids, completion_mask) -> torch.Tensor:
         """Weighted sum over the reward functions (TRL's call convention) -> `[R]` scores."""
@@ -503,10 +515,8 @@ class PPOTrainer(Trainer):
             if len(out) != len(prompts):
                 raise ValueError(f"reward function {name!r} returned {len(out)} rewards for {len(prompts)} completions")
             per_func[:, i] = torch.tensor([float("nan") if r is None else float(r) for r in out])
-        for i, name in enumerate(self.reward_func_names):
-            column = per_func[:, i]
-            if not column.isnan().all():
-                self._metrics[f"rewards/{name}/mean"].append(column.nanmean().item())
+        for i, name in enumerate(self.reward_func_names):  # nan when a function scored none of them
+            self._metrics[f"rewards/{name}/mean"].append(per_func[:, i].nanmean().item())
         unscored = per_func.isnan().all(1)
         if unscored.any():
             logger.warning("every reward function returned None for %d of %d completions (e.g. %r): their score is 0",
@@ -575,11 +585,16 @@ class PPOTrainer(Trainer):
     # ---- logging -----------------------------------------------------------------------------------------------------
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._metrics:  # a training log: add the metrics of this window
-            names = sorted(self._metrics)
-            values = torch.tensor([sum(self._metrics[k]) / len(self._metrics[k]) for k in names],
-                                  device=self.accelerator.device)
-            values = self.accelerator.reduce(values, reduction="mean")
-            logs.update({k: round(v, 6) for k, v in zip(names, values.tolist())})
+            from accelerate.utils import gather_object
+
+            # per process: the window's mean of each metric; then the mean over the processes that logged it (a
+            # reward function's log_metric may run on some processes only)
+            local = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
+            merged = defaultdict(list)
+            for per_process in gather_object([local]):
+                for k, v in per_process.items():
+                    merged[k].append(v)
+            logs.update({k: round(sum(v) / len(v), 6) for k, v in sorted(merged.items())})
             steps = max(1, self.state.global_step - self._last_logged_step)
             logs["time/rollout_per_step"] = round(self._seconds["rollout"] / steps, 4)
             logs["time/update_per_step"] = round(self._seconds["update"] / steps, 4)
