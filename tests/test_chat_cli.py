@@ -322,7 +322,8 @@ def test_diagnostics_flag_an_end_of_text_that_is_an_ordinary_token(saved):
     bot = ChatInterface(saved["rat"])
     report = bot.diagnostics("Token 7 follows")
     assert report["round_trip"] and report["problems"] == [] and report["eos_token_id"] == 2
-    assert report["special_tokens"]["[EOS]"] == 2 and report["ids"] == saved["tokenizer"]("Token 7 follows")["input_ids"]
+    assert report["special_tokens"]["[EOS]"] == 2
+    assert report["ids"] == saved["tokenizer"]("Token 7 follows")["input_ids"]
     # the PPO-chat seed's mistake: EOS 50256, an ordinary token in cl100k (whose end-of-text is 100257); here id 100
     model = RatForCausalLM.from_pretrained(saved["rat"])
     model.config.eos_token_id = model.generation_config.eos_token_id = 100

@@ -1,4 +1,4 @@
-"""`rat-chat`: talk with a causal LM (RAT or any transformers model) or a Reactive Transformer, or answer a prompts file.
+"""`rat-chat`: talk with a causal LM (RAT or any transformers model) or a Reactive Transformer; or answer prompts.
 
     rat-chat --model outputs/rat-demo                                  # interactive; `help` lists the commands
     rat-chat --model ./my-rxt --temperature 0                          # RxT: its memory carries the conversation
