@@ -190,7 +190,7 @@ def test_rxt_is_refused_in_one_line(tmp_path, monkeypatch, capsys, name):
             "--output_dir", str(tmp_path / "out"), "--max_conversations", "4"]
     with pytest.raises(ValueError, match="RxT .* not supported") as info:
         recipe.main(argv)
-    assert "\n" not in str(info.value) and "RatTrainer" in str(info.value)
+    assert "\n" not in str(info.value) and "memory" in str(info.value) and "RAT or another causal LM" in str(info.value)
     monkeypatch.setattr("sys.argv", [f"{name}.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
         run_cli(recipe.main, f"{name}.py")

@@ -94,9 +94,9 @@ def refuse_rxt(config, recipe: str) -> None:
         raise ValueError(
             f"{recipe}: RxT (model_type 'rxt') is not supported: TRL's trainers score each conversation with one "
             "stateless forward over its whole text, which bypasses RxT's short-term memory (the state it answers "
-            "from), so they would train a model that never chats that way; fine-tune RxT on interactions with "
-            "rat_hf.trainers.RatTrainer (rat_hf.data.load_interactions / memory_recall_dataset) instead, or pass a "
-            "RAT or another causal LM")
+            "from), so they would train a model that never chats that way; train RxT turn by turn through its "
+            "memory with rat_hf.trainers.RxTSMATTrainer on interaction episodes (rat_hf.data.load_interactions, "
+            "memory_recall_dataset) instead, or pass a RAT or another causal LM")
 
 
 def prepare_tokenizer(tokenizer, padding_side: str) -> None:
@@ -124,9 +124,11 @@ def check_model_arguments(margs: ChatModelArguments, recipe: str, trust_remote_c
 
     if margs.model_name_or_path:
         config = from_local_or_hub(AutoConfig.from_pretrained, margs.model_name_or_path, "--model_name_or_path",
-                                   "config.json", trust_remote_code=trust_remote_code)
+                                   "config.json", trust_remote_code=trust_remote_code, revision=margs.model_revision)
         refuse_rxt(config, recipe)
         return config
+    if margs.load_in_4bit or margs.load_in_8bit:
+        raise ValueError("--load_in_4bit / --load_in_8bit quantize a pretrained checkpoint: pass --model_name_or_path")
     try:
         fields = json.loads(margs.model_config_overrides or "{}")
     except json.JSONDecodeError as e:
@@ -141,26 +143,37 @@ def build_model_and_tokenizer(margs: ChatModelArguments, texts, recipe: str, pad
     """-> (model, tokenizer, changed): `changed` is True when the model exists only here (built in memory, or
     loaded and then given new token embeddings), so it must be saved before anything reloads it by name."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rat_hf import RatConfig, RatForCausalLM
-    from rat_hf.cli._common import from_pretrained_checked, load_tokenizer
+    from rat_hf.cli._common import from_local_or_hub, from_pretrained_checked, one_line
     from rat_hf.recipes.pretrain import build_tokenizer
 
     checked = check_model_arguments(margs, recipe, trust_remote_code)  # RxT refused before any weights load
     dtype = None if margs.dtype in (None, "auto") else getattr(torch, margs.dtype)
     if margs.model_name_or_path:
-        path = margs.model_name_or_path
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, what="--model_name_or_path")
+        path, revision = margs.model_name_or_path, margs.model_revision
+        try:
+            tokenizer = from_local_or_hub(AutoTokenizer.from_pretrained, path, "--model_name_or_path",
+                                          trust_remote_code=trust_remote_code, revision=revision)
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"--model_name_or_path {path!r}: no usable tokenizer ({one_line(error)})") from None
         prepare_tokenizer(tokenizer, padding_side)
         kwargs = {"dtype": dtype} if dtype is not None else {}
         if margs.attn_implementation:
             kwargs["attn_implementation"] = margs.attn_implementation
+        if margs.load_in_4bit or margs.load_in_8bit:
+            from trl import get_kbit_device_map, get_quantization_config
+
+            kwargs.update(quantization_config=get_quantization_config(margs), device_map=get_kbit_device_map())
         model = from_pretrained_checked(AutoModelForCausalLM, path, what="--model_name_or_path",
-                                        trust_remote_code=trust_remote_code, **kwargs)
-        changed = len(tokenizer) > model.get_input_embeddings().num_embeddings
-        if changed:  # the pad token is new: new rows are the mean of the others (transformers' default)
+                                        trust_remote_code=trust_remote_code, revision=revision, **kwargs)
+        resized = len(tokenizer) > model.get_input_embeddings().num_embeddings
+        if resized:  # the pad token is new: new rows are the mean of the others (transformers' default)
             model.resize_token_embeddings(len(tokenizer))
+        # TRL's reference model and a LoRA adapter's recorded base are reloaded by name alone: another revision
+        # than main would silently come back as main
+        changed = resized or (revision not in (None, "main") and not os.path.isdir(path))
     else:
         fields = dict(checked)
         tokenizer = build_tokenizer(margs.tokenizer, texts)
