@@ -106,6 +106,22 @@ def test_gae_matches_a_hand_computed_example_and_never_crosses_sequences():
         gae_advantages(rewards[0], values[0], mask[0], 1.0, 1.0)
 
 
+def test_rollout_sampler_repeats_prompts_and_rollouts():
+    from rat_hf.trainers.ppo_trainer import RolloutSampler
+
+    sampler = RolloutSampler(10, prompts_per_rollout=3, num_generations=2, repeats=2, seed=0)
+    stream = list(sampler)
+    assert len(stream) == len(sampler) == 3 * 6 * 2  # 3 whole rollouts (the 10th prompt waits for the next pass)
+    rollouts = [stream[i:i + 12] for i in range(0, len(stream), 12)]
+    for rollout in rollouts:
+        assert rollout[:6] == rollout[6:]  # one copy per micro-batch group it feeds
+        assert rollout[0:6:2] == rollout[1:6:2] and len(set(rollout)) == 3  # each prompt twice in a row
+    assert len({i for r in rollouts for i in r}) == 9
+    assert list(sampler) != stream  # the next pass is shuffled anew
+    with pytest.raises(ValueError, match="fewer than"):
+        RolloutSampler(2, prompts_per_rollout=3, num_generations=1, repeats=1)
+
+
 def test_losses_kl_and_masked_statistics():
     mask = torch.tensor([[1, 1, 0]])
     assert masked_mean(torch.tensor([[1.0, 3.0, 100.0]]), mask).item() == 2.0
@@ -226,17 +242,20 @@ def test_reward_at_the_last_token_with_pad_equal_to_eos_and_truncation(tmp_path)
     completion's score, i.e. the score sits at its last token and nothing flows past the end."""
     tok = word_tokenizer(pad_is_eos=True)
     eos = tok.eos_token_id
-    seen = []
+    seen, seen_prompts = [], []
 
     def recorder(prompts, completions, completion_ids, **kwargs):
         seen.extend(completion_ids)
+        seen_prompts.extend(prompts)
         return [float(len(ids)) + 0.5 * ids.count(eos) for ids in completion_ids]
 
     model = tiny_rat(tok, seed=3)
-    args = ppo_args(tmp_path, gamma=1.0, lam=1.0, kl_coef=0.0, whiten_advantages=False, max_new_tokens=5)
+    args = ppo_args(tmp_path, gamma=1.0, lam=1.0, kl_coef=0.0, whiten_advantages=False, max_new_tokens=5,
+                    missing_eos_penalty=2.0, num_generations=2)
     trainer = PPOTrainer(model, recorder, args=args, train_dataset=chat_dataset(), processing_class=tok)
     dataloader = trainer.get_train_dataloader()
     micro_batches = trainer._rollout(next(iter(dataloader)), 0)
+    assert seen_prompts[0::2] == seen_prompts[1::2] and seen_prompts[0] != seen_prompts[2]  # 2 samples per prompt
     ended = [ids for ids in seen if eos in ids]
     assert ended and len(ended) < len(seen)  # both kinds occur
     for ids in seen:
@@ -244,8 +263,8 @@ def test_reward_at_the_last_token_with_pad_equal_to_eos_and_truncation(tmp_path)
     for mb in micro_batches[: len(micro_batches) // args.num_ppo_epochs]:
         mask = mb["completion_mask"]
         lengths = mask.sum(1)
-        last = mb["completion_ids"][torch.arange(len(mask)), lengths - 1]
-        score = lengths.float() + 0.5 * (last == eos).float()
+        ended = mb["completion_ids"][torch.arange(len(mask)), lengths - 1] == eos
+        score = lengths.float() + 0.5 * ended.float() - 2.0 * (~ended).float()  # truncated: minus the penalty
         torch.testing.assert_close(mb["returns"], score[:, None] * mask)
 
 

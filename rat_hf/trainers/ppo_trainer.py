@@ -29,6 +29,16 @@ scored as is (minus `missing_eos_penalty` if set) at its last token and is termi
 Old log-probs are computed in eval mode; with `disable_dropout=True` (default) the update forward computes the same
 function, and the first pass over a rollout visits it in the order and chunks it was scored in, so the importance
 ratio of the first mini-batch is exactly 1. Single process or DDP; FSDP and DeepSpeed are refused.
+
+Logged (means over the logging window; rollout metrics only in windows that started a rollout):
+rollout — `reward` (weighted score, before the KL penalty) and `reward_std`, `rewards/<function>/mean`, `kl` (per
+completion: summed over its tokens, `kl_estimator`), `non_score_reward` (= -kl_coef * kl), `completions/mean_length`,
+`completions/terminated_fraction` (ended by EOS), `perplexity` (exp of the mean negative log-prob of the sampled
+tokens under the sampling distribution, logits / temperature), `value_mean`; update — `policy_loss`, `value_loss`,
+`entropy` (of the sampling distribution, per token), `clip_fraction` / `value_clip_fraction` (tokens where the clipped
+term was the active one), `approx_kl` (mean 0.5 * (log pi - log pi_old)^2), `ratio`, `accuracy` (share of completion
+tokens that are the policy's argmax); `time/rollout_per_step` and `time/update_per_step` (seconds per optimizer step
+spent generating + scoring, and in forward + backward).
 """
 
 import copy
