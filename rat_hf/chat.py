@@ -32,20 +32,6 @@ from .reactive import ReactiveSession
 from .tokenization.special_tokens import CHAT_TEMPLATE
 
 
-class _ChatSession(ReactiveSession):
-    """A `ReactiveSession` that can also fold in a finished interaction it did not generate (how `load` restores)."""
-
-    def remember(self, query: str, answer: str) -> None:
-        """Update the memory with `[Q] query [A] answer [EOS]`, exactly what a live turn encodes after answering."""
-        query_ids = self.tokenizer(query, add_special_tokens=False)["input_ids"]
-        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        row = [self.query_token_id, *query_ids, self.answer_token_id, *answer_ids, self.eos_token_id]
-        input_ids, attention_mask = self._left_pad([row])
-        with self._lock:
-            self._schedule_update(self.memory, input_ids, attention_mask)  # `.memory` waits for the previous update
-            self.turns += 1
-
-
 def _check(name: str, ok: bool, constraint: str, value) -> None:
     if not ok:
         raise ValueError(f"ChatInterface: {name} {constraint}, got {value!r}")
@@ -110,7 +96,7 @@ class ChatInterface:
         self.session: ReactiveSession | None = None
         if self.is_reactive:
             # background=True: the memory update runs while the user reads the answer; the next turn waits for it
-            self.session = _ChatSession(model, tokenizer, background=True)
+            self.session = ReactiveSession(model, tokenizer, background=True)
             self.eos_token_ids = [self.session.eos_token_id]
             self.chat_template = None
             return

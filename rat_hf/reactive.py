@@ -160,6 +160,22 @@ class ReactiveSession:
         with self._lock:
             return self._turn(query_ids, **generate_kwargs)
 
+    def remember(self, query: str, answer: str) -> None:
+        """Fold in a finished interaction this session did not generate (restoring a saved chat, seeding a fact).
+
+        The memory is updated with `[Q] query [A] answer [EOS]`, exactly what a live turn encodes after answering.
+        """
+        if self.batch_size != 1:
+            raise ValueError(f"ReactiveSession.remember: takes one interaction; this session holds {self.batch_size}")
+        query, answer = self._as_batch(query)[0], self._as_batch(answer)[0]
+        query_ids = self.tokenizer(query, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        row = [self.query_token_id, *query_ids, self.answer_token_id, *answer_ids, self.eos_token_id]
+        input_ids, attention_mask = self._left_pad([row])
+        with self._lock:
+            self._schedule_update(self.memory, input_ids, attention_mask)  # `.memory` waits for the previous update
+            self.turns += 1
+
     def _turn(self, query_ids: Sequence[Sequence[int]], **generate_kwargs) -> list[list[int]]:
         if len(query_ids) != self.batch_size:
             raise ValueError(f"ReactiveSession: expected {self.batch_size} queries (batch_size), got {len(query_ids)}")

@@ -231,3 +231,19 @@ def test_turns_from_two_threads_both_land_in_memory(monkeypatch):
     assert [answer for _, answer in done] == expected_answers
     torch.testing.assert_close(chat.memory, expected_memory, atol=1e-6, rtol=0)  # both turns, in the order they ran
     chat.close()
+
+
+def test_remember_folds_in_an_interaction_like_a_live_turn(tokenizer):
+    """`remember(q, a)` writes what a turn writes after answering: the memory read of `[Q] q [A] a [EOS]`."""
+    model = tiny_model(vocab_size=300)
+    chat = session(model, tokenizer=tokenizer, background=False)
+    chat.remember("my name is Ada", "hello there")
+    cfg = model.config
+    row = [cfg.query_token_id, *tokenizer("my name is Ada", add_special_tokens=False)["input_ids"], cfg.answer_token_id,
+           *tokenizer("hello there", add_special_tokens=False)["input_ids"], cfg.eos_token_id]
+    with torch.no_grad():
+        expected = model.update_memory(model.init_memory(1), torch.tensor([row]))
+    torch.testing.assert_close(chat.memory, expected, rtol=0, atol=0)
+    assert chat.turns == 1
+    with pytest.raises(ValueError, match="takes one interaction"):
+        session(model, tokenizer=tokenizer, batch_size=2).remember("a", "b")
