@@ -115,9 +115,9 @@ def prepare_tokenizer(tokenizer, padding_side: str) -> None:
     tokenizer.padding_side = padding_side
 
 
-def check_model_arguments(margs: ChatModelArguments, recipe: str, trust_remote_code: bool = False):
-    """Fail before any work on a model that cannot be used: -> the checkpoint's config (RxT refused), or the fresh
-    RAT's fields (a dict) when no --model_name_or_path is given."""
+def check_model_arguments(margs: ChatModelArguments, recipe: str, trust_remote_code: bool = False) -> None:
+    """Fail before any work on a model that cannot be used: a checkpoint whose config does not load, an RxT, a fresh
+    RAT's fields that are not a JSON object, quantization without a checkpoint."""
     from transformers import AutoConfig
 
     from rat_hf.cli._common import from_local_or_hub
@@ -126,9 +126,14 @@ def check_model_arguments(margs: ChatModelArguments, recipe: str, trust_remote_c
         config = from_local_or_hub(AutoConfig.from_pretrained, margs.model_name_or_path, "--model_name_or_path",
                                    "config.json", trust_remote_code=trust_remote_code, revision=margs.model_revision)
         refuse_rxt(config, recipe)
-        return config
+        return
     if margs.load_in_4bit or margs.load_in_8bit:
         raise ValueError("--load_in_4bit / --load_in_8bit quantize a pretrained checkpoint: pass --model_name_or_path")
+    fresh_rat_fields(margs)
+
+
+def fresh_rat_fields(margs: ChatModelArguments) -> dict:
+    """`--model_config_overrides` as a dict of RatConfig fields."""
     try:
         fields = json.loads(margs.model_config_overrides or "{}")
     except json.JSONDecodeError as e:
@@ -149,7 +154,7 @@ def build_model_and_tokenizer(margs: ChatModelArguments, texts, recipe: str, pad
     from rat_hf.cli._common import from_local_or_hub, from_pretrained_checked, one_line
     from rat_hf.recipes.pretrain import build_tokenizer
 
-    checked = check_model_arguments(margs, recipe, trust_remote_code)  # RxT refused before any weights load
+    check_model_arguments(margs, recipe, trust_remote_code)  # RxT refused before any weights load
     dtype = None if margs.dtype in (None, "auto") else getattr(torch, margs.dtype)
     if margs.model_name_or_path:
         path, revision = margs.model_name_or_path, margs.model_revision
@@ -175,7 +180,7 @@ def build_model_and_tokenizer(margs: ChatModelArguments, texts, recipe: str, pad
         # than main would silently come back as main
         changed = resized or (revision not in (None, "main") and not os.path.isdir(path))
     else:
-        fields = dict(checked)
+        fields = fresh_rat_fields(margs)
         tokenizer = build_tokenizer(margs.tokenizer, texts)
         prepare_tokenizer(tokenizer, padding_side)  # before the model: its vocabulary includes a new pad token
         fields.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
