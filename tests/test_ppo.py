@@ -316,9 +316,15 @@ def test_reward_functions_and_reward_models_get_columns_and_weights(tmp_path):
     qualities = [1.0, None, 0.5, 0.25] * 6
     ds = chat_dataset(quality=qualities, category=["greet"] * 24)
     args = ppo_args(tmp_path, max_steps=2, reward_weights=[2.0, 1.0], logging_steps=1)
+    value_config = RatConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    value_model = RatForSequenceClassification(value_config)  # a value model of its own size
+    value_before = {n: p.detach().clone() for n, p in value_model.named_parameters()}
     trainer = PPOTrainer(tiny_rat(tok), [column_reward, reward_model], args=args, train_dataset=ds,
-                         processing_class=tok, reward_processing_classes=[None, tok])
+                         processing_class=tok, reward_processing_classes=[None, tok], value_model=value_model)
     trainer.train()
+    assert trainer.model.value_model is value_model
+    assert all(not torch.equal(p, value_before[n]) for n, p in value_model.named_parameters())
     assert got["kwargs"]["category"] == ["greet"] * 8 and len(got["quality"]) == 8
     assert got["completions"][0][0]["role"] == "assistant" and isinstance(got["completions"][0][0]["content"], str)
     log = trainer.state.log_history[0]
@@ -345,6 +351,9 @@ def test_reward_functions_and_reward_models_get_columns_and_weights(tmp_path):
     with pytest.raises(ValueError, match="'prompt' column"):
         PPOTrainer(tiny_rat(tok), [column_reward], args=ppo_args(tmp_path), train_dataset=ds.rename_column(
             "prompt", "messages"), processing_class=tok)
+    with pytest.raises(ValueError, match="num_labels=1"):
+        PPOTrainer(tiny_rat(tok), [column_reward], args=ppo_args(tmp_path), train_dataset=ds, processing_class=tok,
+                   value_model=RatForSequenceClassification(RatConfig(**{**value_config.to_dict(), "num_labels": 2})))
     with pytest.raises(ValueError, match="kl_estimator"):
         ppo_args(tmp_path, kl_estimator="k4")
 

@@ -274,6 +274,9 @@ class PPOTrainer(Trainer):
             nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)
         elif value_model is None:
             value_model = value_model_from_policy(policy, processing_class.pad_token_id)
+        if value_model is not None and value_model.get_input_embeddings().num_embeddings < len(processing_class):
+            raise ValueError(f"value_model: its vocabulary ({value_model.get_input_embeddings().num_embeddings}) is "
+                             f"smaller than the tokenizer's {len(processing_class)} tokens; it reads the policy's ids")
 
         # reference model
         if peft_config is not None:
