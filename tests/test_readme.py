@@ -35,15 +35,39 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 SCRIPTS = PYPROJECT["project"]["scripts"]  # console script -> "module:function"
 
-# recipe script / console script -> (module, its argument dataclasses besides TrainingArguments; a recipe whose
-# dataclasses include its own training config, named *Config, takes no TrainingArguments)
+# recipe script / console script -> (module or recipe file, its argument dataclasses besides TrainingArguments; a
+# recipe whose dataclasses include its own training config, named *Config, takes no TrainingArguments). A recipe not
+# listed here is loaded from its file and must define `ARGUMENT_TYPES`, the dataclasses its parser takes.
 RECIPES = {
     "recipes/pretrain_rat.py": ("rat_hf.recipes.pretrain", ("ModelArguments", "DataArguments", "HubArguments")),
     "rat-train": ("rat_hf.recipes.pretrain", ("ModelArguments", "DataArguments", "HubArguments")),
     "recipes/rlm_next_token.py": ("rat_hf.recipes.rlm_next_token", ("RLMArguments", "ModelArguments")),
     "recipes/attention_guided_rl.py": ("rat_hf.recipes.attention_guided_rl",
                                        ("ModelArguments", "DataArguments", "AttentionGuidedConfig")),
+    "recipes/sft_chat.py": ("rat_hf.recipes.chat_common",
+                            ("ChatModelArguments", "ChatDataArguments", "SFTScriptArguments", "SFTConfig")),
+    "recipes/grpo_chat.py": ("rat_hf.recipes.chat_common",
+                             ("ChatModelArguments", "ChatDataArguments", "GRPOScriptArguments", "GRPOConfig")),
+    "recipes/ppo_chat.py": ("recipes/ppo_chat.py",
+                            ("ChatModelArguments", "ChatDataArguments", "PPOScriptArguments", "PPOConfig")),
 }
+
+
+def recipe_argument_types(recipe: str) -> tuple:
+    """The dataclasses `recipe`'s parser takes: from RECIPES, else the recipe file's `ARGUMENT_TYPES`."""
+    import importlib.util
+
+    module_name, names = RECIPES.get(recipe, (recipe, None))
+    if module_name.endswith(".py"):  # a script under recipes/: load it by path (its main() only runs as __main__)
+        spec = importlib.util.spec_from_file_location(Path(module_name).stem, ROOT / module_name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    if names is None:
+        assert hasattr(module, "ARGUMENT_TYPES"), f"{recipe} defines no ARGUMENT_TYPES (the dataclasses it parses)"
+        return tuple(module.ARGUMENT_TYPES)
+    return tuple(getattr(module, n) for n in names)
 
 
 def blocks(language: str) -> list[str]:
@@ -81,16 +105,14 @@ def parse_recipe_args(recipe: str, argv: list[str]):
 
     from rat_hf.recipes._config import load_config_file, parse_args
 
-    module_name, names = RECIPES[recipe]
-    module = importlib.import_module(module_name)
+    types = recipe_argument_types(recipe)
     argv = list(argv)
     if "--config" in argv:
         config = load_config_file(str(ROOT / argv[argv.index("--config") + 1]))
         if config.get("bf16") and not torch.cuda.is_available():
             argv += ["--use_cpu", "true"]  # TrainingArguments refuses bf16 without a GPU unless told to use the CPU
     try:
-        types = [getattr(module, n) for n in names]
-        own_config = any(n.endswith("Config") for n in names)
+        own_config = any(t.__name__.endswith("Config") for t in types)
         return parse_args((*types,) if own_config else (*types, TrainingArguments), argv)
     except SystemExit as e:  # argparse's error()
         pytest.fail(f"{recipe} {shlex.join(argv)}: the recipe's parser exits with {e.code}")
