@@ -322,12 +322,23 @@ def test_memory_attention_variants_build_what_they_name(kind):
     assert slot_1_moved == (kind != "simple")
 
 
+def _attention_update(model, memory):
+    """Layer 0's memory-attention update (before its gate) of `memory` reading `INTERACTION`."""
+    layer = model.model.memory_attention.layers[0]
+    encoded = model.encode(INTERACTION)[model.config.encoder_layer_for_memory_layer(0)]
+    position_embeddings = model.model.rotary_emb(encoded, torch.arange(8)[None])
+    update, _ = layer.attn(layer.query_layernorm(memory[:, 0]), position_embeddings, None,
+                           key_value_states=layer.encoded_layernorm(encoded))
+    return update
+
+
 @pytest.mark.parametrize("gate_type", ["static", "dynamic"])
 def test_residual_gate_interpolates_old_and_update(gate_type):
-    model = tiny_model(memory_attention_type="simple", memory_gate_type=gate_type)
+    model = tiny_model(memory_attention_type="simple", memory_gate_type=gate_type, memory_residual="interpolate")
     memory = read(model, model.init_memory(1), random_ids(1, 9, seed=1))
     gate = model.model.memory_attention.layers[0].gate
     logit = gate.gate_logits if gate_type == "static" else gate.gate_logit_proj.bias
+    assert logit.shape[-1] == 1
     torch.testing.assert_close(logit, torch.zeros_like(logit))  # memory_gate_init=0.0 -> G = 0.5 at init
     with torch.no_grad():
         logit.fill_(-30.0)  # G ~ 0: the memory stays
@@ -335,12 +346,25 @@ def test_residual_gate_interpolates_old_and_update(gate_type):
             gate.gate_logit_proj.weight.zero_()
         torch.testing.assert_close(_layer_update(model, memory), memory[:, 0], atol=1e-6, rtol=0)
         logit.fill_(30.0)  # G ~ 1: the memory becomes the attention update
-        layer = model.model.memory_attention.layers[0]
-        encoded = model.encode(INTERACTION)[model.config.encoder_layer_for_memory_layer(0)]
-        position_embeddings = model.model.rotary_emb(encoded, torch.arange(8)[None])
-        update, _ = layer.attn(layer.query_layernorm(memory[:, 0]), position_embeddings, None,
-                               key_value_states=layer.encoded_layernorm(encoded))
-        torch.testing.assert_close(_layer_update(model, memory), update, atol=1e-6, rtol=0)
+        torch.testing.assert_close(_layer_update(model, memory), _attention_update(model, memory), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("gate_type", ["static", "dynamic"])
+def test_decoupled_gates_keep_and_write(gate_type):
+    """The default residual: `K * old + W * update`, both gates starting at sigmoid(3) = 0.95."""
+    model = tiny_model(memory_attention_type="simple", memory_gate_type=gate_type)
+    memory = read(model, model.init_memory(1), random_ids(1, 9, seed=1))
+    gate = model.model.memory_attention.layers[0].gate
+    logits = gate.gate_logits if gate_type == "static" else gate.gate_logit_proj.bias  # [..., (keep, write)]
+    torch.testing.assert_close(logits, torch.full_like(logits, 3.0))
+    with torch.no_grad():
+        if gate_type == "dynamic":
+            gate.gate_logit_proj.weight.zero_()
+        update = _attention_update(model, memory)
+        for keep, write, expected in ((30.0, 30.0, memory[:, 0] + update), (30.0, -30.0, memory[:, 0]),
+                                      (-30.0, 30.0, update), (-30.0, -30.0, torch.zeros_like(update))):
+            logits[..., 0], logits[..., 1] = keep, write
+            torch.testing.assert_close(_layer_update(model, memory), expected, atol=1e-5, rtol=0)
 
 
 def test_encoder_depth_maps_onto_memory_layers():

@@ -2,7 +2,7 @@
 
 One flat config builds the three parts of an RxT: the decoder that answers a query from the short-term memory (STM),
 the encoder that reads the finished interaction, and the memory-attention network that folds it into the STM. The
-defaults build a ~19M-parameter model (printed by `RxTForCausalLM(RxTConfig()).num_parameters()`: 19,418,898).
+defaults build a ~19M-parameter model (printed by `RxTForCausalLM(RxTConfig()).num_parameters()`: 19,421,982).
 
 Derived defaults follow the fields they derive from (`RxTConfig(num_attention_heads=4)` alone works): `head_dim`,
 `num_query_heads`, `num_key_value_heads` from the head count, the widths from `hidden_size` / `intermediate_size`,
@@ -33,6 +33,11 @@ logger = logging.get_logger(__name__)
 ATTENTION_VARIANTS = ("mha", "gqa", "mqa", "sqa", "ssqa", "xsqa")
 MEMORY_ATTENTION_TYPES = ("simple", "self", "interlayer", "gated_self_interlayer")
 MEMORY_GATE_TYPES = ("static", "dynamic")
+MEMORY_RESIDUALS = ("decoupled", "interpolate")
+# Gate logits a fresh `decoupled` memory starts from: keep sigmoid(3) = 0.95 of the old memory and write 0.95 of the
+# update, so an untrained memory behaves like RxLM's plain residual `STM + update` (nothing read is lost, the
+# gradient reaches earlier turns undamped) while staying bounded; see `memory_residual` in the docstring.
+DECOUPLED_KEEP_INIT, DECOUPLED_WRITE_INIT = 3.0, 3.0
 # The components that choose a variant, as `<component>_attention_variant` fields.
 ATTENTION_COMPONENTS = ("self", "cross", "encoder", "memory")
 # The reactive tokens' text (as in `rat_hf.tokenization.special_tokens`, which this remote-code file cannot import).
@@ -122,9 +127,19 @@ class RxTConfig(PreTrainedConfig):
         memory_attention_type: `simple` (slots attend to the encoded interaction), `self` (slots first attend to each
             other), `interlayer` (slots first attend to the mean of all STM layers) or `gated_self_interlayer` (first to
             a per-slot sigmoid mix of their own layer and the mean of all layers).
-        memory_gate_type: the residual gate `STM' = G * update + (1 - G) * STM` is per slot; `static` learns one logit
-            per slot, `dynamic` computes it from the slot's old value plus its update.
-        memory_gate_init: initial gate logit (0.0 -> G = 0.5).
+        memory_residual: how each memory-attention stage combines a slot's old value with its update, through
+            sigmoid gates per slot. `decoupled` (the default): `STM' = K * STM + W * update`, a keep gate K and a write
+            gate W, initialised to 0.95 each, so a fresh memory keeps what it read and writes the new interaction at
+            full strength, like RxLM's plain residual, and can learn to forget (K < 1 always bounds it by
+            `|update| / (1 - K)`). `interpolate`: `STM' = G * update + (1 - G) * STM`, the RxT paper's gate; at G = 0.5
+            two such stages per update quarter the old memory every turn, which a tiny model could not learn to
+            recall through (a fact two turns back was recalled at chance). A saved config without this key (written
+            before it existed) loads as `interpolate`, its behaviour then.
+        memory_gate_type: the gates are per slot; `static` learns their logits per slot, `dynamic` computes them from
+            the slot's old value plus its update.
+        memory_gate_init: initial logit of the write gate W (`decoupled`, default 3.0 -> 0.95) or of G
+            (`interpolate`, default 0.0 -> G = 0.5).
+        memory_keep_gate_init: initial logit of the keep gate K (`decoupled` only; default 3.0 -> 0.95).
         num_experts: decoder MoE experts (0 = dense SwiGLU).
         num_experts_per_tok: experts each token is routed to (top-k).
         moe_intermediate_size: width of each expert; defaults to `intermediate_size`.
@@ -178,7 +193,9 @@ class RxTConfig(PreTrainedConfig):
         stm_size: int = 256,
         memory_attention_type: str = "gated_self_interlayer",
         memory_gate_type: str = "dynamic",
-        memory_gate_init: float = 0.0,
+        memory_gate_init: float | None = None,
+        memory_residual: str | None = None,
+        memory_keep_gate_init: float | None = None,
         num_experts: int = 0,
         num_experts_per_tok: int = 2,
         moe_intermediate_size: int | None = None,
@@ -246,7 +263,14 @@ class RxTConfig(PreTrainedConfig):
         self.stm_size = stm_size
         self.memory_attention_type = memory_attention_type
         self.memory_gate_type = memory_gate_type
-        self.memory_gate_init = memory_gate_init
+        if memory_residual is None:  # a config saved before the field existed keeps the behaviour it was saved with
+            memory_residual = "interpolate" if "transformers_version" in kwargs else "decoupled"
+        self.memory_residual = memory_residual
+        decoupled = memory_residual == "decoupled"
+        self.memory_gate_init = memory_gate_init if memory_gate_init is not None else (
+            DECOUPLED_WRITE_INIT if decoupled else 0.0)
+        self.memory_keep_gate_init = memory_keep_gate_init if memory_keep_gate_init is not None else (
+            DECOUPLED_KEEP_INIT if decoupled else None)
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
         self.moe_intermediate_size = moe_intermediate_size if moe_intermediate_size is not None else intermediate_size
@@ -368,8 +392,15 @@ class RxTConfig(PreTrainedConfig):
         need(self.memory_attention_type in MEMORY_ATTENTION_TYPES, "memory_attention_type",
              f"must be one of {list(MEMORY_ATTENTION_TYPES)}")
         need(self.memory_gate_type in MEMORY_GATE_TYPES, "memory_gate_type", f"must be one of {list(MEMORY_GATE_TYPES)}")
+        need(self.memory_residual in MEMORY_RESIDUALS, "memory_residual", f"must be one of {list(MEMORY_RESIDUALS)}")
         need(_is_number(self.memory_gate_init), "memory_gate_init",
              "must be a finite number (a gate logit: 0.0 gives G = 0.5)")
+        if self.memory_residual == "decoupled":
+            need(_is_number(self.memory_keep_gate_init), "memory_keep_gate_init",
+                 "must be a finite number (the keep gate's logit: 3.0 gives K = 0.95)")
+        else:
+            need(self.memory_keep_gate_init is None, "memory_keep_gate_init",
+                 "applies to memory_residual='decoupled' only (leave it out for 'interpolate')")
         need(isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN, "hidden_act",
              "must name a transformers activation (e.g. 'silu', 'gelu')")
         for field in ("hidden_dropout", "attention_dropout"):

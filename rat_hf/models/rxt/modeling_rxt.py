@@ -34,7 +34,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    MaskedLMOutput,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
@@ -282,27 +286,41 @@ class RxTAttention(nn.Module):
 
 
 class RxTGateLinear(nn.Linear):
-    """The dynamic gate's projection: its own class so `_init_weights` can give it the configured bias."""
+    """The dynamic gate's projection: its own class so `_init_weights` can give it the configured bias, `bias_init`."""
+
+    def __init__(self, in_features: int, bias_init: list):
+        super().__init__(in_features, len(bias_init))
+        self.bias_init = [float(b) for b in bias_init]
 
 
 class RxTResidualGate(nn.Module):
-    """Per-slot sigmoid residual gate: `new = G * update + (1 - G) * old`, G `[B, S, 1]`.
+    """Per-slot sigmoid residual gates combining a slot's old value and its update (`config.memory_residual`):
 
-    `static`: one learned logit per slot. `dynamic`: the logit is a linear function of `old + update`.
+    decoupled:   `new = K * old + W * update`, a keep gate K and a write gate W, each `[B, S, 1]`;
+    interpolate: `new = G * update + (1 - G) * old`.
+
+    `static`: learned logits per slot (`gate_logits`, `[S, gates]`). `dynamic`: the logits are a linear function of
+    `old + update` (`gate_logit_proj`). With two gates, logit 0 is K's and logit 1 is W's.
     """
 
     def __init__(self, config: RxTConfig):
         super().__init__()
         self.static = config.memory_gate_type == "static"
+        self.decoupled = config.memory_residual == "decoupled"
+        # the initial logits, which `_init_weights` writes
+        self.logits_init = [config.memory_keep_gate_init, config.memory_gate_init] if self.decoupled else [
+            config.memory_gate_init]
         if self.static:
-            self.gate_logits = nn.Parameter(torch.full((config.stm_size, 1), float(config.memory_gate_init)))
+            self.gate_logits = nn.Parameter(torch.zeros(config.stm_size, len(self.logits_init)))
         else:
-            self.gate_logit_proj = RxTGateLinear(config.hidden_size, 1)
+            self.gate_logit_proj = RxTGateLinear(config.hidden_size, self.logits_init)
 
     def forward(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         logits = self.gate_logits if self.static else self.gate_logit_proj(old + update)
-        gate = torch.sigmoid(logits.float()).to(update.dtype)
-        return gate * update + (1 - gate) * old
+        gates = torch.sigmoid(logits.float()).to(update.dtype)  # [S or (B, S), gates]
+        if self.decoupled:
+            return gates[..., :1] * old + gates[..., 1:] * update
+        return gates * update + (1 - gates) * old
 
 
 class RxTDecoderLayer(GradientCheckpointingLayer):
@@ -335,6 +353,7 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
+        memory_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn_out, _ = self.self_attn(
@@ -342,8 +361,8 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = hidden_states + self.dropout(attn_out)
         cross_out, _ = self.cross_attn(
-            self.cross_attention_layernorm(hidden_states), position_embeddings, None, key_value=(memory_key, memory_value),
-            **kwargs,
+            self.cross_attention_layernorm(hidden_states), position_embeddings, memory_mask,
+            key_value=(memory_key, memory_value), **kwargs,
         )
         hidden_states = hidden_states + self.dropout(cross_out)
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -503,15 +522,29 @@ class RxTPreTrainedModel(PreTrainedModel):
         "cross_attentions": OutputRecorder(RxTAttention, index=1, layer_name="cross_attn"),
     }
 
+    # Every RxT class reads the same weight names, so a checkpoint of any of them names them all in `auto_map`
+    # (a curriculum stage saves `RxTForPreTraining`; users load `AutoModelForCausalLM` from it, also as remote code).
+    _AUTO_CLASSES = {"AutoModel": "RxTModel", "AutoModelForCausalLM": "RxTForCausalLM",
+                     "AutoModelForMaskedLM": "RxTForMaskedLM", "AutoModelForPreTraining": "RxTForPreTraining"}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:  # registered for remote code (`import rat_hf` does)
+            module = type(self).__module__.split(".")[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            for auto_class, name in self._AUTO_CLASSES.items():
+                auto_map.setdefault(auto_class, f"{module}.{name}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, RxTModel):
             init.normal_(module.memory_init, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, RxTResidualGate) and module.static:
-            init.constant_(module.gate_logits, self.config.memory_gate_init)
-        elif isinstance(module, RxTGateLinear):
-            init.constant_(module.bias, self.config.memory_gate_init)
+            init.copy_(module.gate_logits, torch.tensor(module.logits_init).expand_as(module.gate_logits))
+        elif isinstance(module, RxTGateLinear):  # the leaf: a module without parameters of its own is skipped
+            init.copy_(module.bias, torch.tensor(module.bias_init))
 
 
 @dataclass
@@ -561,12 +594,18 @@ class RxTModel(RxTPreTrainedModel):
         memory = self.memory_init.to(device=device, dtype=dtype)
         return memory.unsqueeze(0).expand(batch_size, *memory.shape).clone()
 
-    def _check_memory(self, memory: torch.Tensor, batch_size: int) -> None:
+    def _check_memory(self, memory: torch.Tensor, batch_size: int, any_slots: bool = False) -> None:
+        """ValueError unless `memory` is `[1 or batch_size, L, stm_size, D]` (`any_slots`: any slot count, which the
+        decoder accepts with a `memory_attention_mask`)."""
         expected = (self.config.num_hidden_layers, self.config.stm_size, self.config.hidden_size)
-        if memory.dim() != 4 or tuple(memory.shape[1:]) != expected or memory.shape[0] not in (1, batch_size):
+        slots_ok = memory.dim() == 4 and (memory.shape[2] == expected[1] or (any_slots and memory.shape[2] > 0))
+        if (memory.dim() != 4 or not slots_ok or (memory.shape[1], memory.shape[3]) != (expected[0], expected[2])
+                or memory.shape[0] not in (1, batch_size)):
             raise ValueError(
                 f"RxT memory must have shape [batch={batch_size}, num_hidden_layers, stm_size, hidden_size] = "
-                f"[{batch_size}, {', '.join(map(str, expected))}] (a batch of 1 is broadcast); got {list(memory.shape)}"
+                f"[{batch_size}, {', '.join(map(str, expected))}] (a batch of 1 is broadcast"
+                + ("; another slot count needs a memory_attention_mask" if not any_slots else "")
+                + f"); got {list(memory.shape)}"
             )
 
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
@@ -594,8 +633,11 @@ class RxTModel(RxTPreTrainedModel):
 
         Returns a new tensor; `memory` is left as it was. Rows whose `attention_mask` is all zeros keep their memory.
         """
-        encoded, attention_mask, has_tokens, position_embeddings = self._encode(input_ids, attention_mask)
-        batch_size, dtype = input_ids.shape[0], encoded[0].dtype
+        return self._write_memory(memory, *self._encode(input_ids, attention_mask))
+
+    def _write_memory(self, memory, encoded, attention_mask, has_tokens, position_embeddings) -> torch.Tensor:
+        """The memory-attention step of `update_memory`, from the encoder's outputs (`_encode`)."""
+        batch_size, dtype = encoded[0].shape[0], encoded[0].dtype
         if memory is None:
             memory = self.init_memory(batch_size, dtype=dtype)
         self._check_memory(memory, batch_size)
@@ -607,13 +649,18 @@ class RxTModel(RxTPreTrainedModel):
         new_memory = self.memory_attention(memory, encoded, mask, position_embeddings)
         return torch.where(has_tokens[:, None, None, None], new_memory, memory)
 
+    def encoder_states_as_memory(self, encoded: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The encoder's layer states `[B, T, D]` as a decoder memory `[B, L, T, D]`: decoder layer `l` reads encoder
+        layer `encoder_layer_for_memory_layer(l)`, the one memory-attention layer `l` writes from (joint pre-training)."""
+        return torch.stack([encoded[i] for i in self.memory_attention.encoder_layer_ids], dim=1)
+
     def memory_key_values(
-        self, memory: torch.Tensor | None, batch_size: int, cache: Cache | None = None
+        self, memory: torch.Tensor | None, batch_size: int, cache: Cache | None = None, any_slots: bool = False
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every decoder layer's cross-attention keys/values `[B, Hkv, S, hd]` of `memory` (None: the initial memory).
 
         With a cache they are computed once and kept on it for as long as the same memory tensor comes back, so a
-        decoding step costs nothing for the memory whatever `stm_size` is.
+        decoding step costs nothing for the memory whatever `stm_size` is. `any_slots`: accept any slot count.
         """
         source = self.memory_init if memory is None else memory
         stored = getattr(cache, "_rxt_memory_key_values", None)
@@ -622,7 +669,7 @@ class RxTModel(RxTPreTrainedModel):
         else:
             if memory is None:
                 memory = self.memory_init.unsqueeze(0)
-            self._check_memory(memory, batch_size)
+            self._check_memory(memory, batch_size, any_slots=any_slots)
             memory = memory.to(self.memory_init.dtype)
             key_values = [layer.memory_key_value(memory[:, i]) for i, layer in enumerate(self.layers)]
             if cache is not None:
@@ -642,11 +689,15 @@ class RxTModel(RxTPreTrainedModel):
         use_cache: bool | None = None,
         memory: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        memory_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> RxTModelOutputWithPast:
         r"""
         memory (`torch.Tensor` of shape `[batch, num_hidden_layers, stm_size, hidden_size]`, *optional*):
             The short-term memory the decoder reads; `init_memory(batch)` when not given (a first turn).
+        memory_attention_mask (`torch.Tensor` of shape `[batch, memory_slots]`, *optional*):
+            Which memory slots the cross-attention may read (1) and which are padding (0). With it, `memory` may have
+            any slot count: joint pre-training feeds the encoder's token states `[batch, L, T, D]` as the memory.
         """
         cache = _resolve_cache(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -685,14 +736,26 @@ class RxTModel(RxTPreTrainedModel):
                 _MASK_CACHE_ARG: mask_cache, "position_ids": position_ids,
             })
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        memory_key_values = self.memory_key_values(memory, batch_size, cache)
+        memory_key_values = self.memory_key_values(memory, batch_size, cache, any_slots=memory_attention_mask is not None)
+        memory_mask = None
+        if memory_attention_mask is not None:
+            if memory is None or memory_attention_mask.shape != (memory.shape[0], memory.shape[2]):
+                raise ValueError(f"RxTModel.forward: memory_attention_mask must be [batch, memory slots] = "
+                                 f"{[memory.shape[0], memory.shape[2]] if memory is not None else '(no memory given)'}"
+                                 f", got {list(memory_attention_mask.shape)}")
+            memory_attention_mask = memory_attention_mask.bool().expand(batch_size, -1)
+            memory_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=memory_attention_mask,
+                encoder_hidden_states=inputs_embeds.new_empty(batch_size, memory.shape[2], 1),
+            )  # queries: tokens, keys: memory slots
 
         hidden_states = inputs_embeds
         router_logits = []
         for layer, (memory_key, memory_value) in zip(self.layers, memory_key_values):
             hidden_states, layer_router_logits = layer(
                 hidden_states, memory_key.to(hidden_states.dtype), memory_value.to(hidden_states.dtype),
-                attention_mask=causal_mask, position_embeddings=position_embeddings, cache=cache, **kwargs,
+                attention_mask=causal_mask, position_embeddings=position_embeddings, cache=cache,
+                memory_mask=memory_mask, **kwargs,
             )
             if layer_router_logits is not None:
                 router_logits.append(layer_router_logits)
@@ -706,6 +769,8 @@ class RxTModel(RxTPreTrainedModel):
 
 class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # a checkpoint saved by `RxTForPreTraining` (the training curriculum) also holds the encoder's MLM head
+    _keys_to_ignore_on_load_unexpected = [r"^mlm_head\."]
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
@@ -730,6 +795,16 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         """The encoder's hidden states after every layer."""
         return self.model.encode(input_ids, attention_mask)
 
+    def _decoder_losses(self, logits, labels, router_logits, attention_mask, **kwargs):
+        """(next-token loss on `labels`, the MoE load-balancing loss or None)."""
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        aux_loss = None
+        if router_logits is not None:
+            aux_loss = load_balancing_loss(
+                router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask
+            )
+        return loss, aux_loss
+
     @can_return_tuple
     def forward(
         self,
@@ -743,16 +818,19 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         memory: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        memory_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> RxTCausalLMOutputWithPast:
         r"""
         memory (`torch.Tensor` of shape `[batch, num_hidden_layers, stm_size, hidden_size]`, *optional*):
             The short-term memory the decoder reads; `generate(..., memory=m)` passes it to every step.
+        memory_attention_mask (`torch.Tensor` of shape `[batch, memory_slots]`, *optional*):
+            Padding mask of the memory slots; with it `memory` may have any slot count (see `RxTModel.forward`).
         """
         outputs: RxTModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=_resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
-            memory=memory, **kwargs,
+            memory=memory, memory_attention_mask=memory_attention_mask, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -760,11 +838,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
 
         loss = aux_loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if outputs.router_logits is not None:
-                aux_loss = load_balancing_loss(
-                    outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask
-                )
+            loss, aux_loss = self._decoder_losses(logits, labels, outputs.router_logits, attention_mask, **kwargs)
+            if aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
 
         return RxTCausalLMOutputWithPast(
@@ -774,4 +849,198 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["RxTPreTrainedModel", "RxTModel", "RxTForCausalLM"]
+class RxTMaskedLMHead(nn.Module):
+    """The encoder's masked-LM head: RMSNorm -> dense -> activation -> RMSNorm -> vocabulary projection.
+
+    The first norm is needed because the encoder's layers are pre-norm and end on the raw residual stream. The
+    projection (`decoder`) is tied to the shared token embedding when `tie_word_embeddings` is set.
+    """
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.input_norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.norm = RxTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act_fn(self.dense(self.input_norm(encoder_states)))))  # [B, T, V]
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose label is not -100 (no shift: the encoder predicts in place)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1),
+                           ignore_index=-100)
+
+
+class RxTForMaskedLM(RxTPreTrainedModel):
+    """The encoder with its masked-LM head (`AutoModelForMaskedLM`, the `fill-mask` pipeline).
+
+    It holds the whole `RxTModel` (decoder included), so it loads from any RxT checkpoint under the same weight
+    names; the decoder is not run. `forward` returns `MaskedLMOutput` with the loss over labels != -100.
+    """
+
+    _tied_weights_keys = {"mlm_head.decoder.weight": "model.embed_tokens.weight"}
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        self.model = RxTModel(config)
+        self.mlm_head = RxTMaskedLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.mlm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.mlm_head.decoder = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        if input_ids is None:
+            raise ValueError("RxTForMaskedLM.forward: input_ids are required (the encoder reads token ids)")
+        encoded = self.model.encode(input_ids, attention_mask)
+        logits = self.mlm_head(encoded[-1])
+        loss = masked_lm_loss(logits, labels) if labels is not None else None
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=encoded if output_hidden_states else None)
+
+
+@dataclass
+class RxTForPreTrainingOutput(RxTCausalLMOutputWithPast):
+    """Outputs of one step of `RxTForPreTraining` (fields of the parts that did not run are None).
+
+    loss: `lm_loss + mlm_loss + router_aux_loss_coef * aux_loss` over the parts that ran with labels (the curriculum's
+        trainers weight the parts themselves).
+    lm_loss: the decoder's next-token loss on `labels`; mlm_loss: the encoder's masked-LM loss on `mlm_labels`.
+    mlm_logits: `[B, T_enc, V]`, computed when `mlm_labels` are given.
+    memory: the memory after the memory attention wrote the encoded interaction into it `[B, L, S, D]` (None in
+        the joint mode `memory_from_encoder=True`, and when no encoder input was given).
+    encoder_hidden_states: the encoder's states after every layer, each `[B, T_enc, D]`.
+    encoder_attention_mask: the encoder's padding mask `[B, T_enc]` (bool).
+    """
+
+    lm_loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None
+    memory: torch.Tensor | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_attention_mask: torch.Tensor | None = None
+
+
+class RxTForPreTraining(RxTForCausalLM):
+    """An `RxTForCausalLM` with the encoder's masked-LM head: the model the training curriculum trains and saves.
+
+    One `forward` runs one step of the reactive cycle, so every part a stage trains runs inside the model's own
+    forward (DistributedDataParallel synchronises only what its wrapped forward computed):
+
+        encoded = encoder(encoder_input_ids)                    # if given; MLM logits/loss with `mlm_labels`
+        memory' = memory_attention(memory, encoded)             # unless `memory_from_encoder`
+        logits  = decoder(input_ids, memory' | memory)          # if `input_ids`/`inputs_embeds` are given
+
+    `memory_from_encoder=True` is joint LM pre-training: the decoder's memory cross-attention reads the encoder's
+    layer states of the same text, detached (the encoder learns from its MLM loss only) and with Gaussian noise of
+    `memory_noise_std` times each token state's RMS, instead of a memory. Without an encoder input the decoder reads
+    `memory` as `RxTForCausalLM` does (also under `generate`). The saved checkpoint loads as `RxTForCausalLM`,
+    `RxTForMaskedLM` or this class.
+    """
+
+    _tied_weights_keys = {
+        "lm_head.weight": "model.embed_tokens.weight",
+        "mlm_head.decoder.weight": "model.embed_tokens.weight",
+    }
+
+    def __init__(self, config: RxTConfig):
+        RxTPreTrainedModel.__init__(self, config)  # RxTForCausalLM's parts plus the MLM head, initialised once
+        self.model = RxTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mlm_head = RxTMaskedLMHead(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        memory: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        memory_attention_mask: torch.Tensor | None = None,
+        encoder_input_ids: torch.LongTensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        mlm_labels: torch.LongTensor | None = None,
+        memory_from_encoder: bool = False,
+        memory_noise_std: float = 0.0,
+        **kwargs,
+    ) -> RxTForPreTrainingOutput:
+        r"""
+        encoder_input_ids (`torch.LongTensor` of shape `[batch, T_enc]`, *optional*):
+            The interaction (or text) the encoder reads, masked where `mlm_labels` are set.
+        encoder_attention_mask (`torch.Tensor` of shape `[batch, T_enc]`, *optional*): its padding mask.
+        mlm_labels (`torch.LongTensor` of shape `[batch, T_enc]`, *optional*): MLM targets, -100 where not scored.
+        memory_from_encoder (`bool`): the decoder reads the encoder's detached, noised states (joint pre-training).
+        memory_noise_std (`float`): noise on those states, relative to each state's RMS.
+        """
+        if memory_from_encoder and encoder_input_ids is None:
+            raise ValueError("RxTForPreTraining.forward: memory_from_encoder=True needs encoder_input_ids")
+        if memory_from_encoder and memory is not None:
+            raise ValueError("RxTForPreTraining.forward: give memory or memory_from_encoder=True, not both")
+        if not (isinstance(memory_noise_std, (int, float)) and memory_noise_std >= 0):
+            raise ValueError(f"RxTForPreTraining.forward: memory_noise_std must be a number >= 0, got {memory_noise_std!r}")
+        encoded = encoder_mask = mlm_logits = mlm_loss = new_memory = None
+        if encoder_input_ids is not None:
+            encoded, encoder_mask, has_tokens, encoder_positions = self.model._encode(
+                encoder_input_ids, encoder_attention_mask)
+            if mlm_labels is not None:
+                mlm_logits = self.mlm_head(encoded[-1])
+                mlm_loss = masked_lm_loss(mlm_logits, mlm_labels)
+            if memory_from_encoder:
+                states = self.model.encoder_states_as_memory(encoded).detach()  # [B, L, T_enc, D]
+                if memory_noise_std > 0:
+                    rms = states.float().pow(2).mean(-1, keepdim=True).sqrt()
+                    states = states + (memory_noise_std * rms * torch.randn_like(states, dtype=torch.float32)).to(
+                        states.dtype)
+                memory, memory_attention_mask = states, encoder_mask
+            else:
+                new_memory = memory = self.model._write_memory(memory, encoded, encoder_mask, has_tokens,
+                                                               encoder_positions)
+
+        logits = lm_loss = aux_loss = router_logits = hidden_states = attentions = cross_attentions = cache_out = None
+        if input_ids is not None or inputs_embeds is not None:
+            decoded = super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                inputs_embeds=inputs_embeds, use_cache=use_cache, logits_to_keep=logits_to_keep, memory=memory,
+                past_key_values=past_key_values, memory_attention_mask=memory_attention_mask, **kwargs,
+            )
+            logits, router_logits = decoded.logits, decoded.router_logits
+            hidden_states, attentions, cross_attentions = decoded.hidden_states, decoded.attentions, decoded.cross_attentions
+            cache_out = getattr(decoded, _OUTPUT_CACHE_FIELD)
+            if labels is not None:
+                lm_loss, aux_loss = self._decoder_losses(logits, labels, router_logits, attention_mask, **kwargs)
+
+        parts = [x for x in (lm_loss, mlm_loss) if x is not None]
+        if aux_loss is not None:
+            parts.append(self.config.router_aux_loss_coef * aux_loss.to(lm_loss.device))
+        loss = sum(parts[1:], parts[0]) if parts else None
+        return RxTForPreTrainingOutput(
+            loss=loss, lm_loss=lm_loss, mlm_loss=mlm_loss, aux_loss=aux_loss, logits=logits, mlm_logits=mlm_logits,
+            memory=new_memory, encoder_hidden_states=encoded, encoder_attention_mask=encoder_mask,
+            hidden_states=hidden_states, attentions=attentions, cross_attentions=cross_attentions,
+            router_logits=router_logits, **{_OUTPUT_CACHE_FIELD: cache_out},
+        )
+
+
+__all__ = ["RxTPreTrainedModel", "RxTModel", "RxTForCausalLM", "RxTForMaskedLM", "RxTForPreTraining"]
