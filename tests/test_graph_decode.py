@@ -103,7 +103,8 @@ def test_eos_stops_rows_pads_them_and_ends_early():
     ids, mask = prompt()
     free = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)[:, 7:]
     # an EOS both rows emit before the end: the earliest-ending token common to the two rows
-    firsts = {int(t): max(int((row == t).nonzero()[0]) for row in free) for t in set(free[0].tolist()) & set(free[1].tolist())}
+    common = set(free[0].tolist()) & set(free[1].tolist())
+    firsts = {int(t): max(int((row == t).nonzero()[0]) for row in free) for t in common}
     eos = min(firsts, key=firsts.get)
     assert firsts[eos] < NEW - 4, "no early common token in this seed's continuation"
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos)
