@@ -19,6 +19,7 @@ CONFIGS = {
     "one-policy": dict(TINY, n_policies=1),
     "reinforce": dict(TINY, gating_mode="reinforce", n_policies=3, conv_kernel_size=4),
     "nope-untied": dict(TINY, use_rope=False, tie_word_embeddings=False),
+    "query-gates-gqa": dict(TINY, head_gate_target="query", num_key_value_heads=2),  # the seed's gate form
 }
 
 
@@ -138,6 +139,8 @@ def test_seed_checkpointing_flag_enables_gradient_checkpointing():
         (dict(hidden_dropout=1.5), "hidden_dropout"),
         (dict(vocab_size=-3), "vocab_size"),
         (dict(layer_types=["full_attention", "hybrid"]), "layer_types"),
+        (dict(policy_discount=0.0), "policy_discount"),
+        (dict(head_gate_target="scores"), "head_gate_target"),
     ],
 )
 def test_bad_configs_raise_clear_errors(kwargs, field):

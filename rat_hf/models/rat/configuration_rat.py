@@ -126,7 +126,15 @@ class RatConfig(PreTrainedConfig):
         gating_mode: `"soft"` mixes the policies with the selector's weights, trained by backprop; `"reinforce"` samples
             one policy per token and layer while training and trains the selector with REINFORCE (expectation in eval).
         policy_loss_coef: weight of the REINFORCE loss added to the LM loss.
-        entropy_coef: weight of the selector-entropy bonus inside the REINFORCE loss.
+        entropy_coef: weight of the selector-entropy bonus inside the REINFORCE loss. The entropy is that of a token's
+            whole gating decision (one policy per layer), i.e. summed over layers like the sampled log-probs are.
+        policy_discount: discount of the REINFORCE reward-to-go: the gate sampled at token t is rewarded with minus
+            `sum_{t' >= t} policy_discount**(t'-t) * loss_t'` over the later labelled tokens of its sequence (its choice
+            changes them all: the convolution reads t at t+1..t+K-1 and later layers attend to it). 1.0 (default)
+            gives the exact gradient of the expected loss; < 1 trades that exactness for lower variance.
+        head_gate_target: where the per-head gates act. `"output"` (default) scales each head's attention output;
+            `"query"` scales each head's query per token, i.e. multiplies that head's pre-softmax scores: a per-token,
+            per-head temperature (the seed's form). Both keep every attention backend and the KV cache.
         conv_kernel_size: width of the causal depthwise temporal convolution (>= 2; the seed used 3).
         conv_bias: bias in the depthwise convolution.
         hidden_dropout: dropout on every residual branch.
@@ -164,6 +172,8 @@ class RatConfig(PreTrainedConfig):
         gating_mode: str = "soft",
         policy_loss_coef: float = 1.0,
         entropy_coef: float = 0.01,
+        policy_discount: float = 1.0,
+        head_gate_target: str = "output",
         conv_kernel_size: int = 3,
         conv_bias: bool = True,
         hidden_act: str = "silu",
@@ -237,6 +247,8 @@ class RatConfig(PreTrainedConfig):
         self.gating_mode = gating_mode
         self.policy_loss_coef = policy_loss_coef
         self.entropy_coef = entropy_coef
+        self.policy_discount = policy_discount
+        self.head_gate_target = head_gate_target
         self.conv_kernel_size = conv_kernel_size
         self.conv_bias = conv_bias
         self.hidden_act = hidden_act
@@ -291,6 +303,9 @@ class RatConfig(PreTrainedConfig):
         need(self.gating_mode in ("soft", "reinforce"), "gating_mode", "must be 'soft' or 'reinforce'")
         need(self.gating_mode == "soft" or self.n_policies >= 2, "n_policies",
              "must be >= 2 with gating_mode='reinforce' (with one policy there is nothing to choose)")
+        need(_is_number(self.policy_discount) and 0.0 < self.policy_discount <= 1.0, "policy_discount",
+             "must be a number in (0, 1]")
+        need(self.head_gate_target in ("output", "query"), "head_gate_target", "must be 'output' or 'query'")
         need(_is_int(self.conv_kernel_size) and self.conv_kernel_size >= 2, "conv_kernel_size", "must be an int >= 2")
         need(isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN, "hidden_act",
              "must name a transformers activation (e.g. 'silu', 'gelu')")

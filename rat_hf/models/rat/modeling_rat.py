@@ -7,17 +7,29 @@ A block is pre-norm, three residual branches:
     x = x + down_proj(silu(gate_proj(norm(x))) * up_proj(norm(x)))
 
 The gates of a token come from that token's hidden state alone, so the model is causal (the seed used the mean over the
-whole sequence). Gates scale each head's attention *output*, so any attention backend (eager, sdpa, flash, flex) runs
-unchanged. `gating_mode="reinforce"` samples one policy per token and layer while training and trains the selector by
-REINFORCE with reward = minus that token's LM loss; in eval it uses the selector's expectation.
+whole sequence). Gates scale each head's attention *output* (`head_gate_target="output"`) or each head's *query*
+(`"query"`: a per-token, per-head temperature on the scores, the seed's form); either way any attention backend (eager,
+sdpa, flash, flex) runs unchanged. `gates_off=True` in `forward` runs the model with every gate at 1 (the ablation
+`RatTrainer` evaluates).
+
+`gating_mode="reinforce"` samples one policy per token and layer while training and trains the selectors by REINFORCE
+(`gate_reinforce_loss`): the gate of token t is rewarded with the reward-to-go, minus the (discounted) sum of the
+losses of tokens t, t+1, ... of its document, against a leave-one-out baseline; in eval it uses the selector's
+expectation. `RatForCausalLM.forward` adds that loss when given `labels`. A forward that bypasses it (TRL's fused LM
+head calls `model.model` + `lm_head`) hands its sampled log-probs to the innermost `collect_gate_samples()` context
+instead, where trainers that know their per-token losses pick them up (`rat_hf.trainers.RatSFTTrainer`, ...); with no
+such context, a training forward with gradients warns once that the selectors learn nothing from it.
 
 The KV cache and the convolution state live in one `DynamicCache` with `"hybrid"` layers, so `generate()` works with
 every decoding strategy. This file imports only torch, transformers and its configuration: it ships to the Hub as
 remote code.
 """
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +174,13 @@ class RatGateOutput:
 
     selector_probs: torch.Tensor | None  # [B, T, P] selector distribution over policies (None with one policy)
     sampled_log_prob: torch.Tensor | None  # [B, T] log-prob of the sampled policy (reinforce mode, training only)
+    gates: torch.Tensor | None = None  # [B, T, H] the gates applied, detached (None with the gates off)
+    policy_gates: torch.Tensor | None = None  # [B, T, P, H] every policy's proposal, detached (None with one policy)
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Softmaxes and losses in float32 under half precision; a float64 model (exactness tests) stays in float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class RatPolicyGate(nn.Module):
@@ -185,6 +204,11 @@ class RatPolicyGate(nn.Module):
             self.selector_in = nn.Linear(hidden, p)
             self.selector_out = nn.Linear(p, self.n_policies)
 
+    def draw_policies(self, probs: torch.Tensor) -> torch.Tensor:
+        """One policy index per row of the selector's `probs` `[N, P]` -> `[N, 1]` (its own method so that a test can
+        enumerate every choice)."""
+        return torch.multinomial(probs, 1)
+
     def forward(self, hidden_states: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor, RatGateOutput]:
         """Gates `[B, T, H]`; `sample=True` (reinforce training) draws one policy per token instead of the expectation."""
         batch, seq_len, _ = hidden_states.shape
@@ -193,26 +217,28 @@ class RatPolicyGate(nn.Module):
         # einsum over tiny matrices (which ran on a slow 16x16 kernel)
         logits = h @ torch.block_diag(*self.policy_out_weight) + self.policy_out_bias.flatten()  # [B, T, P*H]
         logits = logits.view(batch, seq_len, self.n_policies, self.num_heads)  # [B, T, P, H]
-        gates = torch.softmax(logits.float(), dim=-1) * self.num_heads  # [B, T, P, H], mean over heads = 1
+        gates = torch.softmax(_at_least_float32(logits), dim=-1) * self.num_heads  # [B, T, P, H], mean over heads = 1
         if self.n_policies == 1:
-            return gates[:, :, 0].to(hidden_states.dtype), RatGateOutput(None, None)
+            single = gates[:, :, 0].to(hidden_states.dtype)
+            return single, RatGateOutput(None, None, single.detach(), None)
 
         # In reinforce mode the selector learns from the REINFORCE loss alone, so it reads a detached hidden state:
         # its loss then moves only the selector (in eval the values are the same either way).
         selector_input = hidden_states.detach() if self.reinforce and sample else hidden_states
-        selector_logits = self.selector_out(F.gelu(self.selector_in(selector_input))).float()  # [B, T, P]
+        selector_logits = _at_least_float32(self.selector_out(F.gelu(self.selector_in(selector_input))))  # [B, T, P]
         probs = torch.softmax(selector_logits, dim=-1)
         if self.reinforce and sample:
-            choice = torch.multinomial(probs.reshape(-1, self.n_policies), 1).view(batch, seq_len, 1)  # [B, T, 1]
+            choice = self.draw_policies(probs.reshape(-1, self.n_policies)).view(batch, seq_len, 1)  # [B, T, 1]
             mixed = gates.gather(2, choice[..., None].expand(-1, -1, -1, self.num_heads)).squeeze(2)  # [B, T, H]
             log_prob = torch.log_softmax(selector_logits, dim=-1).gather(-1, choice).squeeze(-1)  # [B, T]
-            return mixed.to(hidden_states.dtype), RatGateOutput(probs, log_prob)
-        mixed = (probs[..., None] * gates).sum(dim=2)  # [B, T, H]; elementwise (fuses), not a float32 GEMM
-        return mixed.to(hidden_states.dtype), RatGateOutput(probs, None)
+            mixed = mixed.to(hidden_states.dtype)
+            return mixed, RatGateOutput(probs, log_prob, mixed.detach(), gates.detach())
+        mixed = (probs[..., None] * gates).sum(dim=2).to(hidden_states.dtype)  # [B, T, H]; elementwise, not a GEMM
+        return mixed, RatGateOutput(probs, None, mixed.detach(), gates.detach())
 
 
 class RatAttention(nn.Module):
-    """Multi-head (or grouped-query) attention whose per-head outputs are scaled by the policy gates."""
+    """Multi-head (or grouped-query) attention whose per-head outputs (or queries) are scaled by the policy gates."""
 
     def __init__(self, config: RatConfig, layer_idx: int):
         super().__init__()
@@ -228,6 +254,8 @@ class RatAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
         self.gate = RatPolicyGate(config)
+        # "query": gate g scales head h's query at token t, so its scores become g * q.k / sqrt(d) (a temperature)
+        self.gate_queries = config.head_gate_target == "query"
 
     def forward(
         self,
@@ -236,11 +264,18 @@ class RatAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         sample_policies: bool = False,
+        gates_off: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, RatGateOutput]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
+        if gates_off:  # every gate at 1: plain attention
+            gates, gate_output = None, RatGateOutput(None, None)
+        else:
+            gates, gate_output = self.gate(hidden_states, sample=sample_policies)  # [B, T, H]
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, hd]
+        if gates is not None and self.gate_queries:
+            query_states = query_states * gates.transpose(1, 2)[..., None]  # [B, H, T, 1]: commutes with RoPE
         key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hkv, T, hd]
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if position_embeddings is not None:
@@ -256,9 +291,9 @@ class RatAttention(nn.Module):
             self, query_states, key_states, value_states, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
         )  # attn_output: [B, T, H, hd]
-        gates, gate_output = self.gate(hidden_states, sample=sample_policies)  # [B, T, H]
-        attn_output = (attn_output * gates[..., None]).reshape(*input_shape, -1)  # [B, T, H*hd]
-        return self.o_proj(attn_output), attn_weights, gate_output
+        if gates is not None and not self.gate_queries:
+            attn_output = attn_output * gates[..., None]
+        return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights, gate_output  # o_proj of [B, T, H*hd]
 
 
 def causal_depthwise_conv(
@@ -362,22 +397,181 @@ class RatDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         sample_policies: bool = False,
+        gates_off: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns `(hidden_states [B, T, D], selector_probs [B, T, P] | None, sampled_log_prob [B, T] | None)`.
+    ) -> tuple[torch.Tensor, ...]:
+        """Returns `(hidden_states [B, T, D], selector_probs [B, T, P] | None, sampled_log_prob [B, T] | None,
+        gates [B, T, H] | None, policy_gates [B, T, P, H] | None)` (the last two detached, for statistics).
 
         A flat tuple of tensors, not a dataclass: reentrant gradient checkpointing tracks only tensors returned at the
         top level, and the sampled log-prob must keep its graph for the REINFORCE loss.
         """
         attn_out, _, gate = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache,
-            sample_policies=sample_policies, **kwargs,
+            sample_policies=sample_policies, gates_off=gates_off, **kwargs,
         )
         hidden_states = hidden_states + self.dropout(attn_out)
         conv_out = self.temporal_conv(self.conv_layernorm(hidden_states), padding_mask, cache, tap_mask)
         hidden_states = hidden_states + self.dropout(conv_out)
         hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
-        return hidden_states, gate.selector_probs, gate.sampled_log_prob
+        return hidden_states, gate.selector_probs, gate.sampled_log_prob, gate.gates, gate.policy_gates
+
+
+# ---- REINFORCE for the sampled gates -------------------------------------------------------------------------------
+@dataclass
+class RatGateSamples:
+    """The gating decisions one reinforce-mode `RatModel` forward sampled, for whoever trains the selectors.
+
+    log_probs: `[B, T]` log-prob of each token's sampled policies, summed over layers (with graph to the selectors).
+    selector_probs: per layer `[B, T, P]` (with graph); `entropy` is their entropy summed over layers `[B, T]`.
+    position_ids / attention_mask: as the caller passed them (None when not given): packed documents and padding.
+    """
+
+    log_probs: torch.Tensor
+    selector_probs: tuple[torch.Tensor, ...]
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        return _joint_entropy(self.selector_probs)
+
+
+_GATE_SAMPLES: contextvars.ContextVar = contextvars.ContextVar("rat_gate_samples", default=None)
+
+
+@contextlib.contextmanager
+def collect_gate_samples() -> Iterator[list]:
+    """Collect the `RatGateSamples` of every reinforce-mode `RatModel` forward run (with gradients) inside, in order.
+
+    For code whose loss bypasses `RatForCausalLM.forward` (TRL's fused LM head calls `model.model` + `lm_head`): run
+    the forward inside, then add `gate_reinforce_loss(samples.log_probs, token_losses, mask)` to the loss. The
+    innermost context collects (`RatForCausalLM.forward` opens its own when given `labels`, and trains them itself).
+    """
+    samples: list = []
+    token = _GATE_SAMPLES.set(samples)
+    try:
+        yield samples
+    finally:
+        _GATE_SAMPLES.reset(token)
+
+
+@torch.compiler.disable
+def _hand_over_gate_samples(samples: RatGateSamples) -> None:
+    collector = _GATE_SAMPLES.get()
+    if collector is not None:
+        collector.append(samples)
+        return
+    warnings.warn(
+        "RAT gating_mode='reinforce': this training forward sampled gating policies, but its caller does not train "
+        "them, so the gate selectors learn nothing from it. RatForCausalLM.forward trains them when given `labels` "
+        "(transformers Trainer, RatTrainer); TRL's SFTTrainer/DPOTrainer/GRPOTrainer call model.model + lm_head "
+        "instead: use rat_hf.trainers.RatSFTTrainer / RatDPOTrainer / RatGRPOTrainer; a custom loop runs its forward "
+        "inside rat_hf.trainers.collect_gate_samples() and adds rat_hf.trainers.gate_reinforce_loss(...) to its loss.",
+        UserWarning, stacklevel=2,
+    )
+
+
+def _joint_entropy(selector_probs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`[B, T]`: entropy of a token's whole gating decision (one policy per layer, drawn independently given the
+    hidden states) = the sum over layers of the selectors' entropies, as its log-prob is the sum of theirs."""
+    probs = torch.stack(selector_probs)  # [L, B, T, P]
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=(0, -1))
+
+
+def gate_reinforce_loss(
+    gate_log_probs: torch.Tensor,
+    token_losses: torch.Tensor,
+    mask: torch.Tensor,
+    discount: float = 1.0,
+    position_ids: torch.Tensor | None = None,
+    gate_entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    entropy_normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """REINFORCE loss of sampled gates: its gradient is an unbiased estimate of the gradient of the expected loss.
+
+    gate_log_probs `[B, T]`: log-prob of the gates sampled at each position (summed over layers), with graph.
+    token_losses `[B, T]`: the loss carried by the token predicted at each position (position t predicts token t+1),
+        weighted as in the loss being minimised (e.g. NLL / number of labelled tokens; a per-token PPO/GRPO loss);
+        0 where no loss is counted. Detached here.
+    mask `[B, T]`: 1 at real tokens (their gates are trained, their losses count), 0 at padding.
+    discount: weight `discount**(t'-t)` of a later token's loss in the reward of the gate at t (1.0 = exact).
+    position_ids `[B or 1, T]`: for packed rows (positions restarting at 0, by `create_causal_mask`'s rule): rewards
+        never cross a document boundary, and the baseline compares documents by position inside the document.
+    gate_entropy `[B, T]` (with graph) and `entropy_coef`: an entropy bonus, `entropy_coef * sum(mask * entropy) /
+        entropy_normalizer` (default: the number of real tokens) subtracted from the loss.
+
+    The gate sampled at t changes the loss of t and of every later token of its document, so its reward is the
+    reward-to-go `R_t = -sum_{t' >= t} discount**(t'-t) token_losses[t']`. The baseline of a document at position p is
+    the mean `R` of the *other* documents of the batch at p (leave-one-out: it does not depend on this document's
+    gates, so it leaves the estimate unbiased; 0 where no other document reaches p). Returns
+    `-sum(mask * (R - baseline) * gate_log_probs) - entropy bonus`, a scalar.
+    """
+    if gate_log_probs.shape != token_losses.shape or mask.shape != token_losses.shape:
+        raise ValueError(f"gate_reinforce_loss: gate_log_probs {tuple(gate_log_probs.shape)}, token_losses "
+                         f"{tuple(token_losses.shape)} and mask {tuple(mask.shape)} must have the same [B, T] shape")
+    if not 0.0 < discount <= 1.0:
+        raise ValueError(f"gate_reinforce_loss: discount={discount!r} must be in (0, 1]")
+    batch, seq_len = token_losses.shape
+    real = mask.bool()
+    dtype = torch.promote_types(token_losses.dtype, torch.float32)
+    rewards = -(token_losses.detach().to(dtype) * real)
+    if position_ids is None:
+        starts = torch.zeros_like(real)
+        keys = torch.arange(seq_len, device=real.device).expand(batch, seq_len)
+    else:
+        position_ids = position_ids.to(real.device).expand(batch, seq_len)
+        starts = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1) != 1  # document starts
+        keys = position_ids.clamp(0, seq_len - 1)  # a document's position; any grouping keeps the baseline unbiased
+    starts[:, 0] = True
+    returns = _reward_to_go(rewards, starts, discount)  # [B, T]
+    advantage = (returns - _leave_one_out_baseline(returns, keys, real)) * real
+    loss = -(advantage.detach() * gate_log_probs).sum()
+    if gate_entropy is not None and entropy_coef:
+        normalizer = real.sum().clamp(min=1) if entropy_normalizer is None else entropy_normalizer
+        loss = loss - entropy_coef * (gate_entropy * real).sum() / normalizer
+    return loss
+
+
+def _reward_to_go(rewards: torch.Tensor, starts: torch.Tensor, discount: float, chunk: int = 64) -> torch.Tensor:
+    """`R[b, t] = sum_{t' >= t in t's document} discount**(t'-t) * rewards[b, t']`, documents beginning at `starts`.
+
+    Exact for any discount: within a chunk of `chunk` steps a masked `[chunk, chunk]` decay matrix, across chunks the
+    recurrence `R_t += discount**(distance) * R_(first step of the next chunk)` when that step is in t's document
+    (T/chunk sequential steps, memory B * chunk**2).
+    """
+    batch, seq_len = rewards.shape
+    document = starts.long().cumsum(-1)  # [B, T] document index along each row
+    steps = torch.arange(chunk, device=rewards.device)
+    lag = steps[None, :] - steps[:, None]  # [C, C]: t' - t
+    gamma = rewards.new_tensor(discount)
+    decay = torch.where(lag >= 0, gamma ** lag.clamp(min=0).to(rewards.dtype), 0.0)  # [C, C]
+    returns = torch.empty_like(rewards)
+    carry = rewards.new_zeros(batch)  # R at the first step of the chunk after this one
+    carry_document = torch.full((batch,), -1, dtype=document.dtype, device=rewards.device)
+    for end in range(seq_len, 0, -chunk):
+        begin = max(0, end - chunk)
+        n = end - begin
+        doc = document[:, begin:end]  # [B, n]
+        same = doc[:, :, None] == doc[:, None, :]  # [B, n, n]
+        local = torch.einsum("btu,bu->bt", decay[:n, :n] * same, rewards[:, begin:end])  # [B, n]
+        to_next = gamma ** (n - steps[:n]).to(rewards.dtype)  # discount**(distance to the next chunk's start)
+        local = local + (doc == carry_document[:, None]) * to_next * carry[:, None]
+        returns[:, begin:end] = local
+        carry, carry_document = local[:, 0], doc[:, 0]
+    return returns
+
+
+def _leave_one_out_baseline(returns: torch.Tensor, keys: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """`[B, T]`: the mean of `returns` over the other real entries with the same key (0 where there is none)."""
+    seq_len = returns.shape[1]
+    weight = real.to(returns.dtype)
+    flat_keys = keys.reshape(-1)
+    sums = returns.new_zeros(seq_len).index_add_(0, flat_keys, (returns * weight).reshape(-1))
+    counts = returns.new_zeros(seq_len).index_add_(0, flat_keys, weight.reshape(-1))
+    others = counts[keys] - weight  # [B, T]
+    return torch.where(others > 0, (sums[keys] - returns * weight) / others.clamp(min=1), 0.0)
 
 
 class RatPreTrainedModel(PreTrainedModel):
@@ -419,10 +613,14 @@ class RatModelOutputWithPast(BaseModelOutputWithPast):
 
     selector_probs: per layer, the selector's distribution over policies `[B, T, P]` (None with one policy).
     sampled_log_probs: `[B, T]`, the summed log-probs over layers of the sampled policies (reinforce training only).
+    gates: per layer, the gates applied `[B, T, H]` (detached; None with `gates_off=True`).
+    policy_gates: per layer, every policy's proposed gates `[B, T, P, H]` (detached; None with one policy).
     """
 
     selector_probs: tuple[torch.Tensor, ...] | None = None
     sampled_log_probs: torch.Tensor | None = None
+    gates: tuple[torch.Tensor, ...] | None = None
+    policy_gates: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -430,14 +628,19 @@ class RatCausalLMOutputWithPast(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` plus the two parts of the loss and the gating statistics.
 
     loss = lm_loss + policy_loss_coef * policy_loss (policy_loss only in reinforce training).
-    gate_entropy: `[L]` mean selector entropy per layer (nats) over labelled tokens; policy_usage: `[L, P]` mean
-    selector probability of each policy. Both detached, computed when labels are given and n_policies > 1.
+    Gating statistics per layer over the labelled tokens, detached, computed when labels are given:
+    gate_entropy `[L]`: mean selector entropy (nats); policy_usage `[L, P]`: mean selector probability of each policy
+    (both n_policies > 1); gate_deviation `[L]`: mean |g - 1| of the gates applied (0 = every head at identity);
+    policy_disagreement `[L]`: mean total-variation distance between two policies' head distributions (gates / H),
+    averaged over the policy pairs (0 = all policies propose the same gates, 1 = disjoint heads; n_policies > 1).
     """
 
     lm_loss: torch.Tensor | None = None
     policy_loss: torch.Tensor | None = None
     gate_entropy: torch.Tensor | None = None
     policy_usage: torch.Tensor | None = None
+    gate_deviation: torch.Tensor | None = None
+    policy_disagreement: torch.Tensor | None = None
 
 
 class RatModel(RatPreTrainedModel):
@@ -471,8 +674,10 @@ class RatModel(RatPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
+        gates_off: bool = False,
         **kwargs,
     ) -> RatModelOutputWithPast:
+        """`gates_off=True` runs every layer with all gates at 1 (no policy nets, no sampling)."""
         cache = _resolve_cache(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("RatModel.forward: pass exactly one of `input_ids` or `inputs_embeds`")
@@ -489,7 +694,8 @@ class RatModel(RatPreTrainedModel):
         mask_cache = cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        sample_policies = self.training and self.samples_policies_in_training
+        sample_policies = self.training and self.samples_policies_in_training and not gates_off
+        given_position_ids, given_attention_mask = position_ids, attention_mask
 
         seq_len = inputs_embeds.shape[1]
         # Positions given by the caller may restart inside a row (packed documents): the convolution restarts there.
@@ -512,21 +718,31 @@ class RatModel(RatPreTrainedModel):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
 
         hidden_states = inputs_embeds
-        selector_probs, sampled_log_probs = [], None
+        selector_probs, gates, policy_gates, sampled_log_probs = [], [], [], None
         for layer in self.layers:
-            hidden_states, probs, log_prob = layer(
+            hidden_states, probs, log_prob, layer_gates, layer_policy_gates = layer(
                 hidden_states, attention_mask=causal_mask, padding_mask=padding_mask, tap_mask=tap_mask,
-                position_embeddings=position_embeddings, cache=cache, sample_policies=sample_policies, **kwargs,
+                position_embeddings=position_embeddings, cache=cache, sample_policies=sample_policies,
+                gates_off=gates_off, **kwargs,
             )
-            if probs is not None:
-                selector_probs.append(probs)
+            for kept, value in ((selector_probs, probs), (gates, layer_gates), (policy_gates, layer_policy_gates)):
+                if value is not None:
+                    kept.append(value)
             if log_prob is not None:
                 sampled_log_probs = log_prob if sampled_log_probs is None else sampled_log_probs + log_prob
+        if sampled_log_probs is not None and sampled_log_probs.requires_grad:  # selectors that can learn from it
+            _hand_over_gate_samples(RatGateSamples(
+                sampled_log_probs, tuple(selector_probs), given_position_ids,
+                given_attention_mask if torch.is_tensor(given_attention_mask) and given_attention_mask.dim() == 2
+                else None,
+            ))
 
         return RatModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
             selector_probs=tuple(selector_probs) or None,
             sampled_log_probs=sampled_log_probs,
+            gates=tuple(gates) or None,
+            policy_gates=tuple(policy_gates) or None,
             **{_OUTPUT_CACHE_FIELD: cache},
         )
 
@@ -557,67 +773,84 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> RatCausalLMOutputWithPast:
-        outputs: RatModelOutputWithPast = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=_resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
-        )
+        # with labels this forward trains the sampled gates itself: their samples go to a context of its own
+        trains_gates = labels is not None and self.training and self.model.samples_policies_in_training
+        with collect_gate_samples() if trains_gates else contextlib.nullcontext():
+            outputs: RatModelOutputWithPast = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                cache=_resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
+                **kwargs,
+            )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])  # [B, T', V]
 
-        loss = lm_loss = policy_loss = gate_entropy = policy_usage = None
+        loss = lm_loss = policy_loss = None
+        stats = dict.fromkeys(("gate_entropy", "policy_usage", "gate_deviation", "policy_disagreement"))
         if labels is not None:
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # [B, T]: token t predicts t+1
             valid = shift_labels != -100  # the tokens the LM loss counts (as the standard loss: labels alone)
             if outputs.sampled_log_probs is not None:
-                lm_loss, policy_loss = self._reinforce_losses(logits, shift_labels, valid, outputs, **kwargs)
+                lm_loss, policy_loss = self._reinforce_losses(
+                    logits, shift_labels, valid, outputs, attention_mask, position_ids, **kwargs)
                 loss = lm_loss + self.config.policy_loss_coef * policy_loss
             else:
                 lm_loss = loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if outputs.selector_probs is not None:
-                gate_entropy, policy_usage = _gate_statistics(outputs.selector_probs, valid)
+            stats = _gate_statistics(outputs, valid)
 
         return RatCausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-            lm_loss=lm_loss, policy_loss=policy_loss, gate_entropy=gate_entropy, policy_usage=policy_usage,
+            lm_loss=lm_loss, policy_loss=policy_loss, **stats,
             **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)},
         )
 
-    def _reinforce_losses(self, logits, shift_labels, valid, outputs, num_items_in_batch=None, **kwargs):
-        """LM loss (same value as the standard one) and the REINFORCE loss of the selectors.
+    def _reinforce_losses(self, logits, shift_labels, valid, outputs, attention_mask, position_ids,
+                          num_items_in_batch=None, **kwargs):
+        """LM loss (same value as the standard one) and the REINFORCE loss of the selectors (`gate_reinforce_loss`).
 
-        Reward of a token = minus its own LM loss (detached); baseline = the batch mean over labelled tokens; the
-        log-prob is the sum over layers of the sampled policies' log-probs; an entropy bonus keeps the selectors from
-        collapsing early.
+        A token's loss enters the reward-to-go weighted as in the LM loss (divided by `num_items_in_batch`, or by the
+        labelled tokens here), so the coefficients mean the same whatever the accumulation steps and world size. The
+        gates of every real token are trained, labelled or not: a prompt token's gate changes the later tokens' loss.
         """
         token_loss = F.cross_entropy(
-            logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100, reduction="none"
+            _at_least_float32(logits).flatten(0, 1), shift_labels.flatten(), ignore_index=-100, reduction="none"
         ).view_as(shift_labels)  # [B, T]
         n_valid = valid.sum().clamp(min=1)
         denom = num_items_in_batch if num_items_in_batch is not None else n_valid
         if torch.is_tensor(denom):
             denom = denom.to(token_loss.device)
         lm_loss = (token_loss * valid).sum() / denom
-        reward = -token_loss.detach()
-        baseline = (reward * valid).sum() / n_valid
-        advantage = (reward - baseline) * valid  # [B, T]
-        # normalised like the LM loss (by `num_items_in_batch` under gradient accumulation / several processes), so
-        # the coefficients mean the same whatever the accumulation steps and world size
-        reinforce = -(advantage * outputs.sampled_log_probs).sum() / denom
-        entropy = torch.stack([-(p * p.clamp_min(1e-12).log()).sum(-1) for p in outputs.selector_probs])  # [L, B, T]
-        entropy = (entropy * valid).sum() / (denom * len(outputs.selector_probs))
-        return lm_loss, reinforce - self.config.entropy_coef * entropy
+        real = attention_mask if torch.is_tensor(attention_mask) and attention_mask.shape == valid.shape else None
+        real = torch.ones_like(valid) if real is None else real.bool()
+        policy_loss = gate_reinforce_loss(
+            outputs.sampled_log_probs, token_loss * valid / denom, real, discount=self.config.policy_discount,
+            position_ids=position_ids, gate_entropy=_joint_entropy(outputs.selector_probs),
+            entropy_coef=self.config.entropy_coef, entropy_normalizer=real.sum() * denom / n_valid,
+        )
+        return lm_loss, policy_loss
 
 
 @torch.no_grad()
-def _gate_statistics(selector_probs: tuple[torch.Tensor, ...], valid: torch.Tensor):
-    """Per-layer mean selector entropy `[L]` and mean policy probabilities `[L, P]` over the labelled tokens."""
-    probs = torch.stack(selector_probs).float()  # [L, B, T, P]
-    weight = valid.to(probs.dtype)[None, ..., None]  # [1, B, T, 1]
+def _gate_statistics(outputs: RatModelOutputWithPast, valid: torch.Tensor) -> dict:
+    """Per-layer gating statistics over the labelled tokens (see `RatCausalLMOutputWithPast`); None where absent."""
+    weight = valid.float()[None]  # [1, B, T]
     n = weight.sum().clamp(min=1)
-    entropy = (-(probs * probs.clamp_min(1e-12).log()) * weight).sum(dim=(1, 2, 3)) / n  # [L]
-    usage = (probs * weight).sum(dim=(1, 2)) / n  # [L, P]
-    return entropy, usage
+    stats = dict.fromkeys(("gate_entropy", "policy_usage", "gate_deviation", "policy_disagreement"))
+    if outputs.selector_probs is not None:
+        probs = torch.stack(outputs.selector_probs).float()  # [L, B, T, P]
+        stats["gate_entropy"] = ((-(probs * probs.clamp_min(1e-12).log())).sum(-1) * weight).sum(dim=(1, 2)) / n
+        stats["policy_usage"] = (probs * weight[..., None]).sum(dim=(1, 2)) / n  # [L, P]
+    if outputs.gates is not None:
+        gates = torch.stack(outputs.gates).float()  # [L, B, T, H]
+        stats["gate_deviation"] = ((gates - 1).abs().mean(-1) * weight).sum(dim=(1, 2)) / n  # [L]
+    if outputs.policy_gates is not None:
+        heads = torch.stack(outputs.policy_gates).float()  # [L, B, T, P, H]
+        heads = heads / heads.shape[-1]  # each policy's distribution over heads
+        n_policies = heads.shape[-2]
+        tv = 0.5 * (heads[..., :, None, :] - heads[..., None, :, :]).abs().sum(-1)  # [L, B, T, P, P]
+        pairs = tv.sum(dim=(-1, -2)) / (n_policies * (n_policies - 1))  # mean over ordered pairs i != j: [L, B, T]
+        stats["policy_disagreement"] = (pairs * weight).sum(dim=(1, 2)) / n
+    return stats
 
 
 class RatForSequenceClassification(GenericForSequenceClassification, RatPreTrainedModel):
@@ -637,4 +870,5 @@ class RatForSequenceClassification(GenericForSequenceClassification, RatPreTrain
         self.post_init()
 
 
-__all__ = ["RatPreTrainedModel", "RatModel", "RatForCausalLM", "RatForSequenceClassification"]
+__all__ = ["RatPreTrainedModel", "RatModel", "RatForCausalLM", "RatForSequenceClassification", "RatGateSamples",
+           "collect_gate_samples", "gate_reinforce_loss"]
