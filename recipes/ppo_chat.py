@@ -65,18 +65,6 @@ def reward_functions(names, target_length):
     return [make_length_reward(target_length) if f is length_reward else f for f in get_reward_funcs(names)]
 
 
-class PolicyView:
-    """The trainer as `save_and_push` reads it, with the policy as its model (PPOTrainer's model is the policy and
-    value function together; `save_model` still writes both)."""
-
-    def __init__(self, trainer: PPOTrainer):
-        self._trainer = trainer
-        self.model = trainer.accelerator.unwrap_model(trainer.model).policy
-
-    def __getattr__(self, name):
-        return getattr(self._trainer, name)
-
-
 def main(argv=None):
     """Run the recipe as `python recipes/ppo_chat.py ARGV` does; returns the trainer (its model, state, log)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -110,9 +98,10 @@ def main(argv=None):
     config.update({k: getattr(args, k) for k in (
         "learning_rate", "max_steps", "kl_coef", "clip_eps", "value_clip_eps", "vf_coef", "entropy_coef", "gamma",
         "lam", "num_ppo_epochs", "num_mini_batches", "temperature", "max_new_tokens", "reward_weights")})
-    folder = save_and_push(PolicyView(trainer), tokenizer, push=push, method="ppo", dataset_label=dataset_label,
-                           panels=PANELS, command=f"python recipes/ppo_chat.py {shlex.join(argv)}", config=config,
-                           merge_adapter=sargs.merge_adapter)
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy  # save_model writes it and the value function
+    folder = save_and_push(trainer, tokenizer, push=push, method="ppo", dataset_label=dataset_label, panels=PANELS,
+                           command=f"python recipes/ppo_chat.py {shlex.join(argv)}", config=config,
+                           merge_adapter=sargs.merge_adapter, model=policy)
     if trainer.is_world_process_zero():
         logged = [e["reward"] for e in trainer.state.log_history if "reward" in e]
         if logged:

@@ -15,10 +15,12 @@
   `gating_mode="reinforce"` needs trainer subclasses to train its selectors under TRL's fused LM head).
 - Data: `sft_dataset` (conversations to imitate), `prompt_dataset` (conversations up to a user turn, to generate from).
 - End of a run: `plot_log_history` (PNG panels from `trainer.state.log_history`) and `save_and_push` (adapter, the
-  adapter merged into a full model, tokenizer, model card through `rat_hf.hub`, `log_history.json`, push).
+  adapter merged into a full model, tokenizer, model card through `rat_hf.hub` (or TRL's / `trainer_card` for other
+  architectures), `log_history.json`, push; `model=` names the policy when the trainer's model is more than that).
 """
 
 import fnmatch
+import inspect
 import json
 import logging
 import math
@@ -333,14 +335,61 @@ def plot_log_history(history: list, panels: dict, path: str) -> None:
     plt.close(fig)
 
 
+TRAINER_CARD = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A causal LM trained with {{ trainer_name }} (`{{ trainer_module }}`) on {{ dataset_name }}{% if base_model %}, starting
+from [{{ base_model }}](https://huggingface.co/{{ base_model }}){% endif %}.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}")
+model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}")
+```
+
+## Training
+
+```bash
+{{ command }}
+```
+
+Final metrics:
+{% for name, value in metrics.items() %}
+- {{ name }}: {{ value }}
+{%- endfor %}
+"""
+
+
+def trainer_card(trainer, *, model_name: str, base_model: str | None, dataset_label: str, tags: list, command: str,
+                 metrics: dict):
+    """A `huggingface_hub.ModelCard` for a model trained by a trainer without TRL's card (rat_hf's `PPOTrainer`)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=base_model, library_name="transformers", pipeline_tag="text-generation",
+                         model_name=model_name, tags=tags)
+    return ModelCard.from_template(
+        data, template_str=TRAINER_CARD, model_name=model_name, base_model=base_model,
+        trainer_name=type(trainer).__name__, trainer_module=type(trainer).__module__, dataset_name=dataset_label,
+        repo_id=trainer.args.hub_model_id or model_name, command=command, metrics=metrics)
+
+
 def save_and_push(trainer, tokenizer, *, push: bool, method: str, command: str, config: dict, dataset_label: str,
-                  panels: dict, merge_adapter: bool = True) -> str:
+                  panels: dict, merge_adapter: bool = True, model=None) -> str:
     """Save the run into `args.output_dir`, then push when `push` (the recipes clear `args.push_to_hub` before
     training so that `Trainer` does not push every checkpoint, and pass it here).
 
-    output_dir: the adapter (LoRA) or the full model, tokenizer, `log_history.json`, `training_stats.png`;
-    output_dir/merged: the adapter merged into its base (LoRA with `merge_adapter`). The full-model folder gets the
-    model card (rat_hf's for RAT, TRL's for other architectures) and is what is pushed. Returns that folder.
+    output_dir: what `trainer.save_model` writes (the adapter (LoRA) or the full model, the tokenizer; PPO adds its
+    value function), `log_history.json`, `training_stats.png`; output_dir/merged: the adapter merged into its base
+    (LoRA with `merge_adapter`). The full-model folder gets the model card (rat_hf's for RAT; for other
+    architectures TRL's trainers' own, or `trainer_card` for trainers without one) and is what is pushed. Returns
+    that folder.
+
+    `model`: the trained causal LM (a `PeftModel` under LoRA) the card, the merge and the push are about; None: the
+    trainer's model, unwrapped. PPO passes its policy (`PPOTrainer.model` is the policy and value function together).
     """
     from rat_hf.hub import IGNORE_PATTERNS, TEMPLATES, check_hub_folder, model_card, push_folder_to_hub
 
@@ -352,7 +401,8 @@ def save_and_push(trainer, tokenizer, *, push: bool, method: str, command: str, 
     with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
         json.dump(history, f, indent=1)
     plot_log_history(history, panels, os.path.join(args.output_dir, PLOT_FILE))
-    model, folder = trainer.accelerator.unwrap_model(trainer.model), args.output_dir
+    model = model if model is not None else trainer.accelerator.unwrap_model(trainer.model)
+    folder = args.output_dir
     is_peft = hasattr(model, "peft_config")
     base_name = model.peft_config["default"].base_model_name_or_path if is_peft else None
     if is_peft and merge_adapter:  # merged from what was saved (base + adapter, on the CPU): the trainer's model
@@ -367,7 +417,7 @@ def save_and_push(trainer, tokenizer, *, push: bool, method: str, command: str, 
     metrics = {k: v for entry in history for k, v in entry.items()
                if isinstance(v, (int, float)) and k not in ("step", "epoch")}
     shown = {k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in metrics.items()}
-    tags = ["trl", method] + (["lora"] if is_peft else [])
+    tags = list(dict.fromkeys([*getattr(trainer, "_tag_names", []), method] + (["lora"] if is_peft else [])))
     full_rat = model.config.model_type in TEMPLATES and (merge_adapter or not is_peft)  # a RAT's weights in `folder`
     if full_rat:
         hub_base = base_name if base_name and not os.path.exists(base_name) else None  # a Hub id, not a local path
@@ -375,9 +425,16 @@ def save_and_push(trainer, tokenizer, *, push: bool, method: str, command: str, 
                           base_model=hub_base, extra_tags=tags)
         card.save(os.path.join(folder, "README.md"))
         check_hub_folder(folder, tokenizer=True)
-    else:  # another architecture, or an adapter alone: TRL's card (written into output_dir)
-        trainer.create_model_card(model_name=os.path.basename(os.path.abspath(args.output_dir)),
-                                  dataset_name=dataset_label, tags=tags)
+    else:  # another architecture, or an adapter alone: the trainer's own card (written into output_dir)
+        name = os.path.basename(os.path.abspath(args.output_dir))
+        if "dataset_name" in inspect.signature(trainer.create_model_card).parameters:  # TRL's trainers
+            trainer.create_model_card(model_name=name, dataset_name=dataset_label, tags=tags)
+        else:  # a transformers Trainer (rat_hf's PPOTrainer: its model is policy + value function, which
+            # transformers' own card code would read as the model)
+            base = base_name if is_peft else model.config._name_or_path
+            trainer_card(trainer, model_name=name, base_model=base if base and not os.path.exists(base) else None,
+                         dataset_label=dataset_label, tags=tags, command=command,
+                         metrics=shown).save(os.path.join(args.output_dir, "README.md"))
         if folder != args.output_dir:
             os.replace(os.path.join(args.output_dir, "README.md"), os.path.join(folder, "README.md"))
     if push:
