@@ -196,3 +196,32 @@ def test_config_equals_form_is_read(tmp_path):
     path.write_text("seq_len: 77\n")
     (data,) = parse_args((DataArguments,), [f"--config={path}"])
     assert data.seq_len == 77
+
+
+def test_gate_diagnostics_and_the_gates_off_evaluation(tmp_path):
+    """Training logs say how far the gates are from 1 and how much the policies disagree; evaluation adds the loss
+    with every gate at 1 and the difference (`eval_gate_gain`)."""
+    trainer = make_trainer(tmp_path, max_steps=2, gating_mode="reinforce", n_policies=3, initializer_range=0.2)
+    trainer.args.save_strategy = "no"
+    trainer.eval_dataset = random_dataset(n=8, seed=1)
+    trainer.train()
+    log = [entry for entry in trainer.state.log_history if "loss" in entry][0]
+    for key in ("gate/deviation", "gate/disagreement", "gate/deviation/layer_1", "gate/disagreement/layer_0"):
+        assert key in log, key
+    assert log["gate/deviation"] > 0 and 0 < log["gate/disagreement"] < 1
+    metrics = trainer.evaluate()
+    batch = default_data_collator(list(trainer.eval_dataset))  # one evaluation batch of 8
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = model(**batch).loss.item(), model(**batch, gates_off=True).loss.item()
+    assert metrics["eval_loss"] == pytest.approx(expected[0], rel=1e-5)
+    assert metrics["eval_loss_gates_off"] == pytest.approx(expected[1], rel=1e-5)
+    assert metrics["eval_gate_gain"] == pytest.approx(expected[1] - expected[0], abs=1e-5)
+    assert abs(metrics["eval_gate_gain"]) > 1e-4  # the gates do something here
+    assert trainer.evaluate()["eval_loss"] == metrics["eval_loss"]  # the gates are back on afterwards
+    logged = [e for e in trainer.state.log_history if "eval_loss_gates_off" in e]
+    assert len(logged) == 2 and "eval_gate_gain" in logged[0]
+
+    quiet = RatTrainer(model=trainer.model, args=trainer.args, eval_dataset=trainer.eval_dataset,
+                       data_collator=default_data_collator, eval_gates_off=False)
+    assert "eval_loss_gates_off" not in quiet.evaluate()

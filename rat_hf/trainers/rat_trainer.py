@@ -4,12 +4,18 @@ Everything about training — schedules, clipping, accumulation, mixed precision
 `auto_find_batch_size`, TensorBoard/trackio, tqdm, multi-GPU through accelerate — is `Trainer`'s. This adds:
 
 - next to `loss`: `lm_loss`, `policy_loss` (reinforce gating), `perplexity`, `tokens_per_second` and the gating
-  summary `gate/entropy` (mean selector entropy, nats) and `gate/usage_max` (the largest mean probability of any
-  policy in any layer: near 1 means the selector collapsed onto one policy); per layer `gate/entropy/layer_{i}` and
-  `gate/usage/layer_{i}/policy_{j}` (mean selector probability of each policy) go to `state.log_history` (saved in
-  `trainer_state.json`) and to the reporting integrations (TensorBoard, trackio, ...), not to the console: the
-  printed line (tqdm or `disable_tqdm=True`) keeps only the summary, floats to 4 significant digits;
-- `eval_perplexity` next to `eval_loss`;
+  summary, averaged over layers: `gate/entropy` (mean selector entropy, nats), `gate/usage_max` (the largest mean
+  probability of any policy in any layer: near 1 means the selector collapsed onto one policy), `gate/deviation`
+  (mean |g - 1| of the gates applied: 0 means every head passes unchanged, i.e. gating does nothing) and
+  `gate/disagreement` (mean total-variation distance between two policies' head distributions, in [0, 1]: 0 means
+  the policies propose the same gates, so choosing between them does nothing). The per-layer values
+  (`gate/entropy/layer_{i}`, `gate/usage/layer_{i}/policy_{j}`, `gate/deviation/layer_{i}`,
+  `gate/disagreement/layer_{i}`) go to `state.log_history` (saved in `trainer_state.json`) and to the reporting
+  integrations (TensorBoard, trackio, ...), not to the console: the printed line (tqdm or `disable_tqdm=True`) keeps
+  only the summary, floats to 4 significant digits;
+- `eval_perplexity` next to `eval_loss`; for a RAT model also `eval_loss_gates_off`, the same evaluation with every
+  gate at 1 (the model's `gates_off=True`), and `eval_gate_gain` = `eval_loss_gates_off - eval_loss` (> 0: the gates
+  help by that much). This runs the evaluation twice; `RatTrainer(..., eval_gates_off=False)` skips it;
 - DDP set up for models whose forward can leave parameters unused (RxT's encoder and memory attention in a step
   without a memory update), which `Trainer`'s default stops on when gradient checkpointing is on (`_ddp.py`);
 - a check of a checkpoint before resuming from it: a missing, truncated or unreadable file (weights, `optimizer.pt`,
@@ -39,9 +45,12 @@ from ._ddp import configure_ddp_for_unused_parameters, logger as _ddp_logger
 
 
 class RatTrainer(Trainer):
-    """`Trainer` with RAT's loss parts and gating statistics in the logs. Same constructor as `Trainer`."""
+    """`Trainer` with RAT's loss parts and gating statistics in the logs. Same constructor as `Trainer`, plus
+    `eval_gates_off` (default True): also evaluate a RAT model with every gate at 1 (`eval_loss_gates_off`)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, eval_gates_off: bool = True, **kwargs):
+        self.eval_gates_off = eval_gates_off
+        self._gates_off = False  # set while the gates-off evaluation runs
         # before `Trainer.__init__` builds the accelerator: a Reactive Transformer's LM steps leave its encoder and
         # memory attention unused, which DDP must be told (see `_ddp.py`)
         model = kwargs.get("model", args[0] if args else None)
@@ -59,6 +68,8 @@ class RatTrainer(Trainer):
 
     # -- collecting -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._gates_off:
+            inputs = {**inputs, "gates_off": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
             self._collect(outputs, inputs)
@@ -83,6 +94,13 @@ class RatTrainer(Trainer):
             for i, row in enumerate(usage):
                 for j, u in enumerate(row):
                     values[f"gate/usage/layer_{i}/policy_{j}"] = u
+        for name, key in (("gate_deviation", "gate/deviation"), ("policy_disagreement", "gate/disagreement")):
+            per_layer = getattr(outputs, name, None)
+            if per_layer is not None:
+                per_layer = per_layer.float().tolist()
+                values[key] = sum(per_layer) / len(per_layer)
+                for i, v in enumerate(per_layer):
+                    values[f"{key}/layer_{i}"] = v
         for key, value in values.items():
             self._rat_sums[key] += value
             self._rat_counts[key] += 1
@@ -103,6 +121,23 @@ class RatTrainer(Trainer):
             logs[key.replace("eval_loss", "eval_perplexity")] = _perplexity(logs[key])
         super().log(logs, *args, **kwargs)
 
+    # -- evaluating with the gates off --------------------------------------------------------------------------------
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        loss_key = f"{metric_key_prefix}_loss"
+        if self.eval_gates_off and description == "Evaluation" and loss_key in output.metrics and _is_rat(self.model):
+            self._gates_off = True
+            try:
+                off = super().evaluation_loop(dataloader, "Evaluation (gates off)", prediction_loss_only=True,
+                                              ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            finally:
+                self._gates_off = False
+            output.metrics[f"{metric_key_prefix}_loss_gates_off"] = off.metrics[loss_key]
+            output.metrics[f"{metric_key_prefix}_gate_gain"] = off.metrics[loss_key] - output.metrics[loss_key]
+        return output
+
     def _mean_over_processes(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
             return value
@@ -120,7 +155,15 @@ class RatTrainer(Trainer):
 def _console_view(logs: dict) -> dict:
     """What the console prints of a log: no per-layer gate keys, floats to 4 significant digits."""
     return {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items()
-            if not k.startswith(("gate/entropy/", "gate/usage/"))}
+            if not (k.startswith("gate/") and "/layer_" in k)}
+
+
+def _is_rat(model) -> bool:
+    """A RAT model (plain, wrapped by accelerate/DDP or PEFT): its forward takes `gates_off`."""
+    model = getattr(model, "module", model)  # DDP / DataParallel
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return getattr(getattr(model, "config", None), "model_type", None) == "rat"
 
 
 class _ConsoleProgressCallback(ProgressCallback):
