@@ -3,6 +3,7 @@ sampled gates trained under every trainer (`Trainer`, TRL's SFT/DPO/GRPO through
 
 import contextlib
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -235,3 +236,196 @@ def test_gates_off_equals_gates_fixed_at_one(target):
     reinforce = RatForCausalLM(RatConfig(**TINY, gating_mode="reinforce")).train()
     a, b = (reinforce(input_ids=ids, labels=ids, gates_off=True) for _ in range(2))
     assert a.policy_loss is None and torch.equal(a.logits, b.logits)
+
+
+# ---- reinforced gating under every trainer ---------------------------------------------------------------------------
+# TRL computes log-probs through model.model + lm_head (its fused head): RatForCausalLM.forward's REINFORCE term never
+# runs there. The plain TRL trainers leave the selectors untouched (and the model warns); the subclasses train them.
+GATE_WARNING = "gating_mode='reinforce'"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from rat_hf.tokenization import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(["the cat sat on the mat. hello there, how are you? fine thanks"] * 20, vocab_size=300)
+
+
+def chat_model(tok, gating_mode="reinforce"):
+    torch.manual_seed(0)
+    config = RatConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, n_policies=2, gating_mode=gating_mode, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return RatForCausalLM(config)
+
+
+def trl_trainer(kind: str, tok, model, out, steps=2, plain=False):
+    """A tiny CPU `SFTTrainer`/`DPOTrainer`/`GRPOTrainer` (or the rat_hf subclass) on `model`."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from rat_hf.trainers import reinforced_gating
+
+    common = dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
+                  report_to=[], use_cpu=True, bf16=False, save_strategy="no", logging_steps=1, disable_tqdm=True)
+    cls = getattr(trl if plain else reinforced_gating, ("" if plain else "Rat") + f"{kind}Trainer")
+    if kind == "SFT":
+        data = datasets.Dataset.from_dict({"text": ["the cat sat on the mat", "hello there, how are you?"] * 4})
+        return cls(model=model, args=trl.SFTConfig(**common, max_length=32), train_dataset=data, processing_class=tok)
+    if kind == "DPO":
+        data = datasets.Dataset.from_dict({"prompt": ["hello", "the cat"] * 4, "chosen": [" there", " sat"] * 4,
+                                           "rejected": [" mat", " you"] * 4})
+        ref = chat_model(tok, model.config.gating_mode).eval()  # an in-memory model has no path to rebuild it from
+        return cls(model=model, ref_model=ref, args=trl.DPOConfig(**common, max_length=32), train_dataset=data,
+                   processing_class=tok)
+    data = datasets.Dataset.from_dict({"prompt": ["hello", "the cat"] * 4})
+    args = trl.GRPOConfig(**{**common, "per_device_train_batch_size": 4}, num_generations=2, max_completion_length=6,
+                          gradient_checkpointing=False, seed=0)
+    # any reward that tells completions apart (so that advantages are not all 0)
+    reward = lambda completions, **kwargs: [float(sum(map(ord, c)) % 13) for c in completions]  # noqa: E731
+    return cls(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok)
+
+
+def selectors(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".gate.selector_" in n}
+
+
+@contextlib.contextmanager
+def gate_warnings(action="always"):
+    """Yields the list of the model's gate warnings (`UserWarning`s naming reinforce gating) issued inside."""
+    found = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter(action)
+        yield found
+    found.extend(w for w in record if GATE_WARNING in str(w.message))
+
+
+@pytest.mark.parametrize("kind", ["SFT", "DPO", "GRPO"])
+def test_selectors_learn_under_the_rat_trl_trainers(kind, tokenizer, tmp_path):
+    model = chat_model(tokenizer)
+    trainer = trl_trainer(kind, tokenizer, model, tmp_path)
+    before = selectors(model)
+    with gate_warnings() as warned:
+        trainer.train()
+    assert not warned, [str(w.message) for w in warned]
+    unchanged = [n for n, p in selectors(model).items() if torch.equal(p, before[n])]
+    assert len(before) == 8 and not unchanged, unchanged  # 2 layers x selector_in/out weight and bias
+    logged = [e for e in trainer.state.log_history if "gate/policy_loss" in e]
+    assert logged and all(torch.isfinite(torch.tensor(e["gate/entropy"])) for e in logged)
+
+
+@pytest.mark.parametrize("kind, steps", [("SFT", 3), ("DPO", 1), ("GRPO", 1)])
+def test_plain_trl_trainers_leave_the_selectors_frozen_and_warn(kind, steps, tokenizer, tmp_path):
+    model = chat_model(tokenizer)
+    trainer = trl_trainer(kind, tokenizer, model, tmp_path, steps=steps, plain=True)
+    before = selectors(model)
+    with gate_warnings(action="default") as warned:  # Python's default: once per place in the code
+        trainer.train()
+    assert len(warned) == 1 and f"Rat{kind}Trainer" in str(warned[0].message)  # once, naming the trainer to use
+    assert all(torch.equal(p, before[n]) for n, p in selectors(model).items())
+
+
+def test_sft_gate_loss_is_the_models_own_reinforce_loss(tokenizer, tmp_path):
+    """Under RatSFTTrainer the gates get exactly the loss RatForCausalLM.forward(labels=...) gives them."""
+    model = chat_model(tokenizer)
+    trainer = trl_trainer("SFT", tokenizer, model, tmp_path)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.train()
+    n_items = (batch["labels"][:, 1:] != -100).sum()
+    torch.manual_seed(5)
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_items)
+    torch.manual_seed(5)  # the same sampled gates
+    own = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, num_items_in_batch=n_items)
+    assert own.policy_loss is not None
+    torch.testing.assert_close(loss, own.loss, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(5)
+    params = list(selectors(model))
+    grads = dict(zip(params, torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in params])))
+    own_grads = torch.autograd.grad(own.loss, [dict(model.named_parameters())[n] for n in params])
+    for name, g in zip(params, own_grads):
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4)
+
+
+def test_soft_gating_is_untouched_by_the_subclasses(tokenizer, tmp_path):
+    """A soft-mode model trains bit-identically under RatSFTTrainer and SFTTrainer, with no gate warning."""
+    weights = []
+    for plain in (True, False):
+        model = chat_model(tokenizer, gating_mode="soft")
+        trainer = trl_trainer("SFT", tokenizer, model, tmp_path / str(plain), plain=plain)
+        with gate_warnings() as warned:
+            trainer.train()
+        assert not warned
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_selectors_learn_under_transformers_trainer(tmp_path):
+    """`Trainer` calls the model's own forward with labels: its REINFORCE term trains the selectors, no warning."""
+    datasets = pytest.importorskip("datasets")
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    torch.manual_seed(0)
+    model = RatForCausalLM(RatConfig(**TINY, gating_mode="reinforce", n_policies=2))
+    ids = torch.randint(3, 97, (8, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no")
+    trainer = Trainer(model=model, args=args, data_collator=default_data_collator,
+                      train_dataset=datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    before = selectors(model)
+    with gate_warnings() as warned:
+        trainer.train()
+    assert not warned
+    assert all(not torch.equal(p, before[n]) for n, p in selectors(model).items())
+
+
+def record_token_signal(monkeypatch) -> list:
+    """Records each (token log-probs, linearised token losses) pair the subclasses compute for the gates."""
+    from rat_hf.trainers import reinforced_gating
+
+    seen, original = [], reinforced_gating.linearized_token_losses
+
+    def recording(loss, token_log_probs):
+        losses = original(loss, token_log_probs)
+        seen.extend(zip([lp.detach() for lp in token_log_probs], losses))
+        return losses
+
+    monkeypatch.setattr(reinforced_gating, "linearized_token_losses", recording)
+    return seen
+
+
+def test_grpo_gates_get_the_completions_advantages(tokenizer, tmp_path, monkeypatch):
+    """GRPO: the gates' per-token loss is -A_i * c * log p_t on completion tokens (one update per generation: no
+    ratio clipping; the 'dapo' loss weighs all tokens alike), 0 on the prompt."""
+    model = chat_model(tokenizer)
+    trainer = trl_trainer("GRPO", tokenizer, model, tmp_path, steps=1)
+    seen, batches = record_token_signal(monkeypatch), []
+    compute = trainer._compute_loss
+    monkeypatch.setattr(trainer, "_compute_loss", lambda model, inputs: batches.append(inputs) or compute(model, inputs))
+    trainer.train()
+    ((log_probs, losses),), (inputs,) = seen, batches
+    completion = inputs["completion_mask"].bool()
+    c = completion.shape[1]
+    slope = losses[:, -c:] / log_probs[:, -c:]  # [B, C]
+    assert torch.all(losses[:, :-c] == 0)
+    advantages = inputs["advantages"]
+    assert advantages.abs().max() > 0  # some completions were better than others
+    scale = -(slope[completion] / advantages[:, None].expand_as(slope)[completion])  # one positive constant
+    scale = scale[advantages[:, None].expand_as(slope)[completion] != 0]
+    torch.testing.assert_close(scale, scale.mean().expand_as(scale))
+    assert scale.mean() > 0
+
+
+def test_dpo_gates_get_each_sequences_dpo_slope(tokenizer, tmp_path, monkeypatch):
+    """DPO: every token of a sequence gets the slope of the DPO loss in that sequence's log-prob: negative for the
+    chosen answer, positive for the rejected one, of equal size within a pair."""
+    model = chat_model(tokenizer)
+    trainer = trl_trainer("DPO", tokenizer, model, tmp_path, steps=1)
+    seen = record_token_signal(monkeypatch)
+    trainer.train()
+    ((log_probs, losses),) = seen
+    counted = losses != 0
+    slope = torch.where(counted, losses / log_probs, torch.nan)
+    per_row = slope.nanmean(-1)  # [2B]: chosen rows, then rejected rows
+    torch.testing.assert_close(slope[counted], per_row[:, None].expand_as(slope)[counted])
+    chosen, rejected = per_row.chunk(2)
+    assert torch.all(chosen < 0) and torch.all(rejected > 0)
+    torch.testing.assert_close(chosen, -rejected)
