@@ -1,0 +1,289 @@
+"""Memory-recall benchmark of the Reactive Transformer curriculum (issue 10).
+
+    python bench/rxt_memory_recall.py                 # GPU, ~6 minutes on one H200
+    python bench/rxt_memory_recall.py --smoke         # CPU, 1-2 minutes: tiny everything, numbers not meaningful
+
+Trains a small RxT through the whole curriculum (`rat_hf.recipes.rxt_pipeline`: pretrain -> sft -> memattn -> smat ->
+mrl) on the offline data — the memory-aware stages on `rat_hf.data.interactions.memory_recall_dataset` conversations
+(a fact, k distractor turns, the question) — and reports the exact-answer accuracy on held-out conversations at
+distances k = 1, 2, 4, 8 for
+
+- `rxt`: the curriculum's final model, earlier turns written into the memory, the question answered greedily;
+- `no_memory`: the same model with its memory reset every turn (the question alone): must be at chance;
+- `llama_full_history`: a stateless `LlamaForCausalLM` with the RxT decoder's shape (hidden size, layers, heads, MLP,
+  tokenizer), trained with `transformers.Trainer` on the same conversations for the same steps, seeing the whole
+  history as one sequence (loss on every answer + EOS): the upper bound.
+
+Also each stage's wall time (from the pipeline's `pipeline.json`) and the MRL reward curves of the group-relative
+estimator (the pipeline's stage 5) vs PPO-with-critic (stage 5 rerun from the same SMAT model with
+`--advantage_estimator critic`), as `bench/results/rxt_mrl_rewards.png`.
+
+Output: `bench/results/rxt_memory_recall.json` (`device`, `date`, `command`, `rows: [{"model", "distance",
+"accuracy"}]`, `chance`, `stage_wall_s`, `mrl`, parameter counts, settings); `--smoke` writes
+`rxt_memory_recall_smoke.json` unless `--out` says otherwise. Needs `datasets` (the recipes' data) and matplotlib.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+DISTANCES = (1, 2, 4, 8)
+
+
+def settings(smoke: bool, device: str) -> dict:
+    """Model size and steps per stage. GPU: a 256-wide 4-layer RxT; smoke: a 32-wide one and a handful of steps."""
+    if smoke:
+        model = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, num_query_heads=2, stm_size=8, max_position_embeddings=256)
+        s = dict(model=model, vocab=400, pretrain=8, sft=8, memattn=4, smat=40, mrl=[2, 2], batch=16, n_eval=32,
+                 recall=300, lr=3e-3, train_distances=[0, 1, 2])
+    else:
+        model = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=4, num_query_heads=4, stm_size=64, max_position_embeddings=512)
+        s = dict(model=model, vocab=2048, pretrain=300, sft=300, memattn=150, smat=1500, mrl=[40, 40, 40], batch=64,
+                 n_eval=256, recall=20000, lr=1e-3, train_distances=[0, 1, 2, 4, 8])
+    common = dict(seed=0, report_to="none", save_strategy="no", disable_tqdm=False, logging_steps=10,
+                  use_cpu=device == "cpu", bf16=False)  # fp32: small models, and the comparison stays exact
+    max_turns = max(s["train_distances"]) + 2  # fact + distractors + question
+    max_len = 96
+    s["stages"] = {
+        "pretrain": {**common, "model_config_overrides": json.dumps(s["model"]), "tokenizer_vocab_size": s["vocab"],
+                     "dataset": "offline", "recall_conversations": s["recall"] // 4, "seq_len": 128,
+                     "max_steps": s["pretrain"], "per_device_train_batch_size": s["batch"], "learning_rate": s["lr"],
+                     "warmup_steps": max(1, s["pretrain"] // 10), "lr_scheduler_type": "cosine"},
+        "sft": {**common, "dataset": "offline", "recall_conversations": s["recall"] // 4, "max_length": max_len,
+                "max_steps": s["sft"], "per_device_train_batch_size": s["batch"], "learning_rate": s["lr"],
+                "warmup_steps": max(1, s["sft"] // 10), "lr_scheduler_type": "cosine"},
+        "memattn": {**common, "dataset": "offline", "recall_conversations": s["recall"] // 4, "max_turns": max_turns,
+                    "max_length": max_len, "max_steps": s["memattn"], "per_device_train_batch_size": s["batch"],
+                    "learning_rate": s["lr"], "warmup_steps": 1, "lr_scheduler_type": "cosine"},
+        "smat": {**common, "dataset": "offline", "dialogs": False, "recall_conversations": s["recall"],
+                 "recall_distances": s["train_distances"], "eval_distances": [1], "eval_conversations": 16,
+                 "max_turns": max_turns, "max_length": max_len, "bptt_turns": max_turns, "max_steps": s["smat"],
+                 "per_device_train_batch_size": s["batch"], "learning_rate": s["lr"], "warmup_steps": 10,
+                 "lr_scheduler_type": "constant_with_warmup", "model_card": False},
+        "mrl": {**common, "dataset": "recall", "strategies": ["cumulative", "long_range"],
+                "recall_conversations": max(64, s["recall"] // 20), "eval_conversations": 16,
+                "curriculum": [2, 4, 8][:len(s["mrl"])], "curriculum_steps": s["mrl"], "num_generations": 4,
+                "per_device_train_batch_size": 8 if smoke else 32, "max_completion_length": 8, "bleu_max_n": 2,
+                "learning_rate": 3e-4 if smoke else 5e-5, "logging_steps": 1, "model_card": False},
+    }
+    return s
+
+
+def history_example(tokenizer, record, max_length: int) -> dict:
+    """The whole conversation as one sequence `[Q] q0 [A] a0 EOS [Q] q1 ...`, labels on every answer + EOS."""
+    from rat_hf.data.interactions import tokenize_interaction, turns
+
+    ids, labels = [], []
+    for q, a in turns(record):
+        t = tokenize_interaction(tokenizer, q, a)
+        ids += t["input_ids"]
+        labels += t["labels"]
+    return {"input_ids": ids[-max_length:], "labels": labels[-max_length:]}
+
+
+def train_llama(tokenizer, rxt_config, records, steps: int, batch: int, lr: float, device: str, work: Path):
+    """A stateless Llama of the RxT decoder's shape, trained on the full histories with `transformers.Trainer`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    config = LlamaConfig(vocab_size=rxt_config.vocab_size, hidden_size=rxt_config.hidden_size,
+                         intermediate_size=rxt_config.intermediate_size, num_hidden_layers=rxt_config.num_hidden_layers,
+                         num_attention_heads=rxt_config.num_attention_heads,
+                         num_key_value_heads=rxt_config.num_attention_heads, max_position_embeddings=1024,
+                         bos_token_id=rxt_config.bos_token_id, eos_token_id=rxt_config.eos_token_id,
+                         pad_token_id=rxt_config.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    examples = [history_example(tokenizer, r, 1024) for r in records]
+
+    def collate(rows):  # right-padded [B, T]; pads masked out of attention and loss
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), pad)
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    args = TrainingArguments(output_dir=str(work / "llama"), max_steps=steps, per_device_train_batch_size=batch,
+                             learning_rate=lr, warmup_steps=10, lr_scheduler_type="constant_with_warmup",
+                             logging_steps=max(1, steps // 10), save_strategy="no", report_to="none", seed=0,
+                             use_cpu=device == "cpu", remove_unused_columns=False, disable_tqdm=False)
+    Trainer(model=model, args=args, train_dataset=examples, data_collator=collate).train()
+    return model
+
+
+@torch.no_grad()
+def llama_recall(model, tokenizer, records, batch_size: int = 32) -> float:
+    """Exact match of the last answer, greedy, prompted with the full history and the question."""
+    from rat_hf.data.interactions import interaction_text, tokenize_interaction, turns
+
+    model.eval()
+    device = next(model.parameters()).device
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    correct = 0
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        prompts = []
+        for r in batch:
+            t = turns(r)
+            ids = [i for q, a in t[:-1] for i in tokenize_interaction(tokenizer, q, a)["input_ids"]]
+            prompts.append(ids + tokenizer(interaction_text(t[-1][0]), add_special_tokens=False)["input_ids"])
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding for generation
+            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=12,
+                             do_sample=False, eos_token_id=eos, pad_token_id=pad)
+        answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        correct += sum(a.strip() == turns(r)[-1][1].strip() for a, r in zip(answers, batch))
+    return correct / max(len(records), 1)
+
+
+def chance_level(records) -> float:
+    """The best a model without memory can do: always answer the most frequent value of the asked attribute."""
+    from collections import Counter
+
+    by_question = {}
+    for r in records:
+        question = r["interactions"][-1]["query"].split("'s ", 1)[-1]  # the attribute
+        by_question.setdefault(question, Counter())[r["fact"]] += 1
+    return sum(c.most_common(1)[0][1] for c in by_question.values()) / max(len(records), 1)
+
+
+def plot_mrl(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 40 else None, label=name)
+    ax.set(xlabel="optimizer step", ylabel="mean sampled reward", title="RxT MRL: group-relative vs PPO with critic")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run (1-2 minutes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--work", default=None, help="checkpoints (default outputs/bench_rxt_memory_recall[_smoke])")
+    p.add_argument("--out", default=None, help="result JSON (default bench/results/rxt_memory_recall[_smoke].json)")
+    p.add_argument("--no_mrl_critic", action="store_true", help="skip the PPO-with-critic comparison run")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = p.parse_args(argv)
+    if a.smoke and a.device == "cuda":
+        a.device = "cpu"
+    if a.device == "cpu":
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
+    suffix = "_smoke" if a.smoke else ""
+    work = Path(a.work or f"outputs/bench_rxt_memory_recall{suffix}")
+    out = Path(a.out or RESULTS / f"rxt_memory_recall{suffix}.json")
+    s = settings(a.smoke, a.device)
+    t0 = time.perf_counter()
+
+    # ---- the curriculum ----------------------------------------------------------------------------------------------
+    import yaml
+
+    from rat_hf.recipes.rxt_pipeline import REPO_ROOT, run_pipeline
+
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "pipeline.yaml", "w") as f:
+        yaml.safe_dump({"output_root": str(work), "stages": s["stages"]}, f)
+    summary = run_pipeline(["--config", str(work / "pipeline.yaml")])
+    if summary["missing"]:
+        raise RuntimeError(f"the curriculum lacks stage(s) {summary['missing']}: their recipes are missing")
+    stage_wall = {r["stage"]: r["wall_s"] for r in summary["stages"]}
+
+    # ---- MRL comparison: PPO with a critic from the same SMAT model ----------------------------------------------------
+    mrl_curves = {}
+    mrl_logs = {"group": json.load(open(work / "mrl" / "mrl.json"))}
+    if not a.no_mrl_critic:
+        import importlib.util
+
+        from rat_hf.recipes.rxt_pipeline import stage_argv
+
+        spec = importlib.util.spec_from_file_location("rxt_mrl_recipe", REPO_ROOT / "recipes" / "rxt_mrl.py")
+        recipe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(recipe)
+        start = time.perf_counter()
+        recipe.main(stage_argv("mrl", {**s["stages"]["mrl"], "advantage_estimator": "critic"}, str(work / "smat"),
+                               str(work / "mrl_critic"), None, False, None))
+        stage_wall["mrl_critic"] = round(time.perf_counter() - start, 2)
+        mrl_logs["critic"] = json.load(open(work / "mrl_critic" / "mrl.json"))
+    for name, log in mrl_logs.items():
+        label = "group-relative (critic-free)" if name == "group" else "PPO with critic"
+        mrl_curves[label] = [(h["step"], h["reward"]) for h in log["log_history"] if "reward" in h]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    png = out.with_name(out.stem.replace("rxt_memory_recall", "rxt_mrl_rewards") + ".png")
+    plot_mrl(mrl_curves, png)
+
+    # ---- evaluation --------------------------------------------------------------------------------------------------
+    from transformers import AutoTokenizer
+
+    from rat_hf.data import memory_recall_dataset
+    from rat_hf.models.rxt import RxTForCausalLM
+    from rat_hf.trainers.rxt_smat_trainer import recall_accuracy
+
+    final = summary["final_model"]
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    rxt = RxTForCausalLM.from_pretrained(final).to(a.device)
+    held_out = {k: list(memory_recall_dataset(s["n_eval"], k, seed=50_000 + k)) for k in DISTANCES}
+    rows, chance = [], {}
+    for k, records in held_out.items():
+        chance[k] = chance_level(records)
+        rows.append({"model": "rxt", "distance": k, "accuracy": recall_accuracy(rxt, tokenizer, records)})
+        rows.append({"model": "no_memory", "distance": k,
+                     "accuracy": recall_accuracy(rxt, tokenizer, records, memory_reset=True)})
+    start = time.perf_counter()
+    train_records = [r for i, k in enumerate(s["train_distances"])
+                     for r in memory_recall_dataset(s["recall"] // len(s["train_distances"]), k, seed=i)]
+    llama = train_llama(tokenizer, rxt.config, train_records, s["smat"], s["batch"], s["lr"], a.device, work)
+    stage_wall["llama_full_history"] = round(time.perf_counter() - start, 2)
+    for k, records in held_out.items():
+        rows.append({"model": "llama_full_history", "distance": k, "accuracy": llama_recall(llama, tokenizer, records)})
+
+    device = torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    result = {
+        "device": device, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/rxt_memory_recall.py " + shlex.join(argv), "smoke": a.smoke, "rows": rows,
+        "chance": {str(k): v for k, v in chance.items()}, "eval_conversations_per_distance": s["n_eval"],
+        "stage_wall_s": stage_wall, "total_wall_s": round(time.perf_counter() - t0, 1),
+        "parameters": {"rxt": rxt.num_parameters(), "llama_full_history": llama.num_parameters()},
+        "rxt_model": s["model"], "steps": {k: s[k] for k in ("pretrain", "sft", "memattn", "smat", "mrl")},
+        "train_distances": s["train_distances"],
+        "mrl": {name: log["metrics"] for name, log in mrl_logs.items()}, "mrl_rewards_png": str(png),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    table = {(r["model"], r["distance"]): r["accuracy"] for r in rows}
+    print("distance  " + "  ".join(f"{m:>18}" for m in ("rxt", "no_memory", "llama_full_history")) + "   chance")
+    for k in DISTANCES:
+        print(f"{k:>8}  " + "  ".join(f"{table[(m, k)]:>18.3f}" for m in ("rxt", "no_memory", "llama_full_history"))
+              + f"   {chance[k]:.3f}")
+    print(f"stage wall times (s): {stage_wall}; wrote {out} and {png}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
