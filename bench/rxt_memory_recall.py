@@ -52,13 +52,13 @@ def settings(smoke: bool, device: str) -> dict:
                      num_key_value_heads=4, num_query_heads=4, stm_size=64, max_position_embeddings=512)
         s = dict(model=model, vocab=2048, pretrain=300, sft=300, memattn=150, smat=1500, mrl=[40, 40, 40], batch=64,
                  n_eval=256, recall=20000, lr=1e-3, train_distances=[0, 1, 2, 4, 8])
-    common = dict(seed=0, report_to="none", save_strategy="no", disable_tqdm=False, logging_steps=10,
+    common = dict(seed=0, report_to="none", save_strategy="no", disable_tqdm=False, logging_steps=2 if smoke else 10,
                   use_cpu=device == "cpu", bf16=False)  # fp32: small models, and the comparison stays exact
     max_turns = max(s["train_distances"]) + 2  # fact + distractors + question
     max_len = 96
     s["stages"] = {
         "pretrain": {**common, "model_config_overrides": json.dumps(s["model"]), "tokenizer_vocab_size": s["vocab"],
-                     "dataset": "offline", "recall_conversations": s["recall"] // 4, "seq_len": 128,
+                     "dataset": "offline", "recall_conversations": s["recall"] // 4, "seq_len": 64 if smoke else 128,
                      "max_steps": s["pretrain"], "per_device_train_batch_size": s["batch"], "learning_rate": s["lr"],
                      "warmup_steps": max(1, s["pretrain"] // 10), "lr_scheduler_type": "cosine"},
         "sft": {**common, "dataset": "offline", "recall_conversations": s["recall"] // 4, "max_length": max_len,
@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
     if a.smoke and a.device == "cuda":
         a.device = "cpu"
     if a.device == "cpu":
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
+        torch.set_num_threads(1)  # tiny models run fastest on one thread
     suffix = "_smoke" if a.smoke else ""
     work = Path(a.work or f"outputs/bench_rxt_memory_recall{suffix}")
     out = Path(a.out or RESULTS / f"rxt_memory_recall{suffix}.json")
