@@ -225,6 +225,13 @@ class RxTStageTrainer(Trainer):
                         "from trained_parts")
         return loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation is the stage's own loss (its inputs are not a plain model call's)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:  # a training log: the means of the parts recorded since the last one
             for key, total in self._part_sums.items():

@@ -91,7 +91,9 @@ class RxTMemAttnTrainer(RxTStageTrainer):
             has_turn = mask[:, step].any(-1)  # [B]
             if not bool(has_turn.any()):
                 break
-            old = memory.detach() if args.detach_memory else memory
+            # a detached memory still asks for its gradient: with reentrant checkpointing a memory-attention layer
+            # whose inputs (this memory, the frozen encoder's states) need none would pass no gradient to its weights
+            old = memory.detach().requires_grad_(model.training) if args.detach_memory else memory
             read = old
             if args.memory_noise_std > 0 and model.training:
                 rms = old.detach().float().pow(2).mean(-1, keepdim=True).sqrt()

@@ -108,7 +108,7 @@ class RxTPretrainTrainer(RxTStageTrainer):
         return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenize")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs, memory_from_encoder=True,
+        outputs = model(**inputs, memory_from_encoder=True, use_cache=False,
                         memory_noise_std=self.args.memory_noise_std if model.training else 0.0)
         loss = self.args.lm_weight * outputs.lm_loss + self.args.mlm_weight * outputs.mlm_loss
         config = self.accelerator.unwrap_model(model).config

@@ -6,7 +6,8 @@ memory afterwards, so the cost of a turn does not grow with the conversation:
     answer  = decoder([Q] query [A] ..., memory)       # causal self-attention -> memory cross-attention -> SwiGLU/MoE
     encoded = encoder([Q] query [A] answer [EOS])       # bidirectional, every layer's hidden states
     memory' = memory_attention(memory, encoded)         # per STM layer: slots attend to the encoded interaction,
-                                                        # STM' = G * update + (1 - G) * STM (sigmoid gate per slot)
+                                                        # STM' = K * STM + W * update (sigmoid keep/write gates
+                                                        # per slot; `memory_residual="interpolate"`: G, 1 - G)
 
 The memory is explicit: a tensor `[batch, num_hidden_layers, stm_size, hidden_size]` from `init_memory(batch)`,
 passed to `forward`/`generate(..., memory=m)` and returned by `update_memory(m, input_ids, attention_mask)`. Nothing
@@ -16,8 +17,12 @@ One attention class serves every component and every head layout (MHA, GQA, MQA,
 variants); RoPE rotates queries and keys in self-attention, queries only in the memory cross-attention (the slots
 have no position) and keys only in the memory attention (the queries are slots). Any backend of the
 attention-function registry runs it. With a cache, the cross-attention keys/values of the memory are computed once
-per turn and reused at every decoding step. This file imports only torch, transformers and its configuration: it
-ships to the Hub as remote code.
+per turn and reused at every decoding step.
+
+Classes: `RxTModel` (decoder, encoder, memory attention), `RxTForCausalLM` (+ LM head), `RxTForMaskedLM` (the
+encoder + its masked-LM head) and `RxTForPreTraining` (both heads; one forward runs a whole reactive step, which the
+training curriculum in `rat_hf.trainers` uses). All read the same weight names. This file imports only torch,
+transformers and its configuration: it ships to the Hub as remote code.
 """
 
 import inspect
@@ -424,7 +429,7 @@ class RxTMemoryAttentionLayer(GradientCheckpointingLayer):
     gated_self_interlayer: per slot, `g * own layer + (1 - g) * mean of layers`, g a sigmoid of both.
 
     That first stage is a gated residual update; then the slots (queries, no RoPE) attend to the encoded interaction
-    (keys with RoPE, padding masked) and the final gate writes `STM' = G * update + (1 - G) * STM`.
+    (keys with RoPE, padding masked) and the final gate writes `STM' = K * STM + W * update` (`RxTResidualGate`).
     """
 
     def __init__(self, config: RxTConfig, layer_idx: int):
@@ -869,9 +874,11 @@ class RxTMaskedLMHead(nn.Module):
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the positions whose label is not -100 (no shift: the encoder predicts in place)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1),
-                           ignore_index=-100)
+    """Mean cross-entropy over the positions whose label is not -100 (no shift: the encoder predicts in place); 0
+    (still part of the graph) when no position is scored, e.g. a short batch in which nothing was masked."""
+    labels = labels.to(logits.device).reshape(-1)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
 
 
 class RxTForMaskedLM(RxTPreTrainedModel):
