@@ -24,9 +24,9 @@ and each config in `recipes/accelerate_configs/{multi_gpu,fsdp,deepspeed_zero2}.
 On CPU (`--cpu`) FSDP is expected to be refused (accelerate shards on GPUs only; `rat-train` says so in one line and
 exits, `check_distributed_launch`), DeepSpeed runs when `import deepspeed` works, and every recipe uses its tiny
 config. Rows are written to `--out` after each run; running the same command again keeps the rows that are already
-there for this device and mode and runs the rest (`--fresh` redoes all), so a `--budget_s` cut (default 400 s on
-GPUs: a row, run and resume, may take two minutes more, within one 10-minute device call) is continued by the same
-command.
+there for this device and mode and runs the rest (`--fresh` redoes the chosen ones), so a `--budget_s` cut (default
+400 s on GPUs: a row, run and resume, may take two minutes more, within one 10-minute device call) is continued by
+the same command.
 """
 
 import argparse
@@ -35,6 +35,7 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT))  # rat_hf from this checkout, installed or not
 CONFIGS = ["multi_gpu", "fsdp", "deepspeed_zero2"]
 # Never let NCCL/PyTorch use NVLink multicast on the lent machines (it can take the host's GPUs down).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+EXCEPTION = re.compile(r"^(\[rank\d+\]: )?\w+(Error|Exception): ")
 
 
 @dataclass
@@ -181,14 +183,15 @@ def launch(script: str, args: list, *, processes: int, config: str | None, cpu: 
             sink.write(line)
             if line.startswith("{'") and "'loss'" in line:
                 lines.append((now, ast.literal_eval(line.strip())))
-            elif ": error: " in line:
+            elif ": error: " in line or EXCEPTION.match(line):  # the recipe's one-line error, or a traceback's
                 errors.append(line.strip())
         rc = proc.wait()
         timer.cancel()
         memory.stop.set()
         memory.join()
     return dict(rc=rc, wall_s=round(time.perf_counter() - start, 1), lines=lines, peak=memory.result(processes),
-                error=errors[0] if errors else None, command=shown_command(cmd))
+                error=next((e for e in errors if ": error: " in e), errors[-1] if errors else None),
+                command=shown_command(cmd))
 
 
 def shown_command(cmd: list) -> str:
@@ -227,11 +230,14 @@ def throughput(run: dict, history: dict, first: int, last: int, global_batch: in
     return result
 
 
-def max_rel_diff(a: dict, b: dict, steps) -> float | None:
+def loss_diff(a: dict, b: dict, steps) -> dict:
+    """Largest absolute and relative difference of the losses of the steps both runs logged (a GRPO loss near 0
+    makes the relative one meaningless: read the absolute one there)."""
     pairs = [(a[s]["loss"], b[s]["loss"]) for s in steps if s in a and s in b]
     if not pairs:
-        return None
-    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in pairs)
+        return dict(steps=0)
+    return dict(steps=len(pairs), max_abs_diff=max(abs(x - y) for x, y in pairs),
+                max_rel_diff=max(abs(x - y) / max(abs(x), 1e-12) for x, y in pairs))
 
 
 def reload_check(path: Path) -> dict:
@@ -298,7 +304,7 @@ def bench_recipe(name: str, recipe: Recipe, configs: list, a, done: set, rows: l
         if run["rc"] == 0:
             history = log_history(out, half)
             row.update(status="ok", **throughput(run, history, a.warmup, half, batch * n),
-                       losses=[round(history[s]["loss"], 6) for s in sorted(history)])
+                       losses=[history[s]["loss"] for s in sorted(history)])
         else:
             row.update(status="failed", error=run["error"], log=str(work / "single.log"))
         rows.append(row)
@@ -338,7 +344,7 @@ def bench_recipe(name: str, recipe: Recipe, configs: list, a, done: set, rows: l
             continue
         history = log_history(out, steps)
         row.update(status="ok", **throughput(run, history, a.warmup, half, batch * n),
-                   losses=[round(history[s]["loss"], 6) for s in sorted(history)])
+                   losses=[history[s]["loss"] for s in sorted(history)])
         row["reload_final"] = reload_check(out / recipe.model_subdir)
         last = out / f"checkpoint-{steps}"
         row["reload_checkpoint"] = (reload_check(last) if (last / "model.safetensors").exists() else
@@ -346,8 +352,7 @@ def bench_recipe(name: str, recipe: Recipe, configs: list, a, done: set, rows: l
         if baseline and baseline.get("status") == "ok":
             compare = range(1, min(a.compare_steps, half) + 1)
             single = {s: {"loss": v} for s, v in enumerate(baseline["losses"], start=1)}
-            row["loss_vs_1_process"] = dict(steps=len(compare), comparable=not recipe.samples,
-                                            max_rel_diff=max_rel_diff(single, history, compare))
+            row["loss_vs_1_process"] = dict(comparable=not recipe.samples, **loss_diff(single, history, compare))
             if row.get("tokens_per_s") and baseline.get("tokens_per_s"):
                 row["speedup_vs_1_process"] = round(row["tokens_per_s"] / baseline["tokens_per_s"], 3)
         # resume from the half-way checkpoint into a new folder; losses after it against the first run's
@@ -359,7 +364,7 @@ def bench_recipe(name: str, recipe: Recipe, configs: list, a, done: set, rows: l
         if resumed["rc"] == 0:
             after = log_history(again, steps)
             row["resume"] = dict(ok=max(after) == steps, wall_s=resumed["wall_s"],
-                                 max_rel_loss_diff=max_rel_diff(history, after, range(half + 1, steps + 1)))
+                                 **loss_diff(history, after, range(half + 1, steps + 1)))
         else:
             row["resume"] = dict(ok=False, error=resumed["error"], log=str(work / f"{config}_resumed.log"))
         if row["status"] == "ok" and not (row["reload_final"]["ok"] and row["resume"]["ok"]):
@@ -385,7 +390,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="outputs and logs of the runs (default /tmp/rat_multi_gpu)")
     parser.add_argument("--out", default=None, help="default bench/results/multi_gpu.json (--cpu: "
                         "bench/results/multi_gpu_cpu.json)")
-    parser.add_argument("--fresh", action="store_true", help="rerun every row, also those already in --out")
+    parser.add_argument("--fresh", action="store_true", help="rerun the chosen rows, also those already in --out")
     a = parser.parse_args(argv)
     import torch
 
@@ -406,9 +411,11 @@ def main(argv=None) -> int:
         parser.error(f"unknown recipe/config {unknown}")
 
     device = "cpu" if a.cpu else torch.cuda.get_device_name(0)
-    previous = json.loads(Path(a.out).read_text()) if Path(a.out).exists() and not a.fresh else {}
+    previous = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
     same = previous.get("device") == device and previous.get("num_processes") == a.num_processes
-    rows = [r for r in previous.get("rows", []) if r["status"] in ("ok", "refused", "skipped")] if same else []
+    chosen = {(r, c) for r in a.recipes.split(",") for c in ["single", *a.configs.split(",")]}
+    rows = [r for r in previous.get("rows", []) if r["status"] in ("ok", "refused", "skipped")
+            and not (a.fresh and (r["recipe"], r["config"]) in chosen)] if same else []
     done = {(r["recipe"], r["config"]) for r in rows}
     Path(a.work).mkdir(parents=True, exist_ok=True)
 
@@ -452,11 +459,11 @@ def print_rows(rows: list) -> None:
     table = []
     for r in rows:
         compare, resume = r.get("loss_vs_1_process") or {}, r.get("resume") or {}
-        diff = compare.get("max_rel_diff")
-        table.append({**r, "loss_diff_1_vs_n": "" if diff is None else f"{diff:.1e}"
-                      + ("" if compare.get("comparable", True) else " (sampled)"),
-                      "resume_diff": "" if resume.get("max_rel_loss_diff") is None
-                      else f"{resume['max_rel_loss_diff']:.1e}",
+        sampled = not compare.get("comparable", True)
+        diff = compare.get("max_abs_diff" if sampled else "max_rel_diff")
+        table.append({**r, "loss_diff_1_vs_n": "" if diff is None else f"{diff:.1e}" + (" abs, sampled" if sampled
+                                                                                       else " rel"),
+                      "resume_diff": "" if resume.get("max_abs_diff") is None else f"{resume['max_abs_diff']:.1e} abs",
                       "reload": {True: "yes", False: "NO"}.get((r.get("reload_final") or {}).get("ok"), ""),
                       "status": r["status"] + (f": {r['error']}" if r.get("error") else "")[:120]})
     widths = [max(len(c), *(len(str(t.get(c, ""))) for t in table)) if table else len(c) for c in columns]
