@@ -48,13 +48,17 @@ RECIPES = {
                             ("ChatModelArguments", "ChatDataArguments", "SFTScriptArguments", "SFTConfig")),
     "recipes/grpo_chat.py": ("rat_hf.recipes.chat_common",
                              ("ChatModelArguments", "ChatDataArguments", "GRPOScriptArguments", "GRPOConfig")),
+    "recipes/rxt_pipeline.py": ("rat_hf.recipes.rxt_pipeline", None),
+    **{f"recipes/rxt_{stage}.py": (f"recipes/rxt_{stage}.py", ("ModelArguments", "DataArguments", f"RxT{name}Config"))
+       for stage, name in [("pretrain", "Pretrain"), ("sft", "SFT"), ("memattn", "MemAttn"), ("smat", "SMAT"),
+                           ("mrl", "MRL")]},
     "recipes/ppo_chat.py": ("recipes/ppo_chat.py",
                             ("ChatModelArguments", "ChatDataArguments", "PPOScriptArguments", "PPOConfig")),
 }
 
 
 def recipe_argument_types(recipe: str) -> tuple:
-    """The dataclasses `recipe`'s parser takes: from RECIPES, else the recipe file's `ARGUMENT_TYPES`."""
+    """The dataclasses `recipe` parses (from RECIPES, else its file's `ARGUMENT_TYPES`), or its argparse `build_parser()`."""
     import importlib.util
 
     module_name, names = RECIPES.get(recipe, (recipe, None))
@@ -64,6 +68,8 @@ def recipe_argument_types(recipe: str) -> tuple:
         spec.loader.exec_module(module)
     else:
         module = importlib.import_module(module_name)
+    if names is None and hasattr(module, "build_parser"):  # an argparse driver (recipes/rxt_pipeline.py)
+        return module.build_parser()
     if names is None:
         assert hasattr(module, "ARGUMENT_TYPES"), f"{recipe} defines no ARGUMENT_TYPES (the dataclasses it parses)"
         return tuple(module.ARGUMENT_TYPES)
@@ -103,14 +109,18 @@ def parse_recipe_args(recipe: str, argv: list[str]):
     """Parse `argv` with the recipe's own parser (as its `main` does); an unknown flag or config key fails."""
     from transformers import TrainingArguments
 
-    from rat_hf.recipes._config import load_config_file, parse_args
+    from rat_hf.recipes._config import parse_args
 
     types = recipe_argument_types(recipe)
     argv = list(argv)
-    if "--config" in argv:
-        config = load_config_file(str(ROOT / argv[argv.index("--config") + 1]))
-        if config.get("bf16") and not torch.cuda.is_available():
-            argv += ["--use_cpu", "true"]  # TrainingArguments refuses bf16 without a GPU unless told to use the CPU
+    if not isinstance(types, tuple):  # an argparse parser
+        try:
+            return types.parse_args(argv)
+        except SystemExit as e:
+            pytest.fail(f"{recipe} {shlex.join(argv)}: the recipe's parser exits with {e.code}")
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:
+        # TrainingArguments refuses bf16 (a config's, or TRL's GRPOConfig default) without a GPU unless told to use the CPU
+        argv += ["--use_cpu", "true"]
     try:
         own_config = any(t.__name__.endswith("Config") for t in types)
         return parse_args((*types,) if own_config else (*types, TrainingArguments), argv)
@@ -193,6 +203,12 @@ def test_shipped_config_parses_with_its_recipe(config):
     recipe = recipes.pop()
     assert isinstance(yaml.safe_load(text), dict)
     parsed = parse_recipe_args(recipe, ["--config", f"recipes/configs/{config}"])
+    if recipe == "recipes/rxt_pipeline.py":  # a driver: each stage's config must parse with that stage's recipe
+        stages = yaml.safe_load(text)["stages"]
+        for stage, settings in stages.items():
+            args = parse_recipe_args(f"recipes/rxt_{stage}.py", ["--config", settings["config"]])[-1]
+            assert args.output_dir and args.learning_rate > 0
+        return
     args = parsed[-1]
     assert args.output_dir and args.learning_rate > 0
 
