@@ -45,8 +45,8 @@ def settings(smoke: bool, device: str) -> dict:
     if smoke:
         model = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, num_query_heads=2, stm_size=8, max_position_embeddings=256)
-        s = dict(model=model, vocab=400, pretrain=8, sft=8, memattn=4, smat=40, mrl=[2, 2], batch=16, n_eval=32,
-                 recall=300, lr=3e-3, train_distances=[0, 1, 2])
+        s = dict(model=model, vocab=400, pretrain=4, sft=4, memattn=2, smat=16, mrl=[1, 1], batch=8, n_eval=16,
+                 recall=160, lr=3e-3, train_distances=[0, 1, 2])
     else:
         model = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                      num_key_value_heads=4, num_query_heads=4, stm_size=64, max_position_embeddings=512)
@@ -155,14 +155,17 @@ def llama_recall(model, tokenizer, records, batch_size: int = 32) -> float:
 
 
 def chance_level(records) -> float:
-    """The best a model without memory can do: always answer the most frequent value of the asked attribute."""
+    """The best a model without memory can do: answer the most likely value of the asked attribute (estimated from
+    20,000 draws of each attribute's value generator), averaged over the records' attributes."""
+    import random
     from collections import Counter
 
-    by_question = {}
-    for r in records:
-        question = r["interactions"][-1]["query"].split("'s ", 1)[-1]  # the attribute
-        by_question.setdefault(question, Counter())[r["fact"]] += 1
-    return sum(c.most_common(1)[0][1] for c in by_question.values()) / max(len(records), 1)
+    from rat_hf.data.interactions import _VALUES
+
+    rng = random.Random(0)
+    best = {a: Counter(draw(rng) for _ in range(20_000)).most_common(1)[0][1] / 20_000 for a, draw in _VALUES.items()}
+    asked = [next(a for a in _VALUES if r["interactions"][-1]["query"].endswith(f"'s {a}?")) for r in records]
+    return sum(best[a] for a in asked) / max(len(records), 1)
 
 
 def plot_mrl(curves: dict, path: Path) -> None:
