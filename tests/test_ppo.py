@@ -5,6 +5,7 @@ functions and models with dataset columns, learning on a learnable reward) and t
 
 import importlib.util
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -439,3 +440,21 @@ def test_recipe_trains_saves_and_reloads_with_auto_classes(tmp_path, monkeypatch
         torch.testing.assert_close(value_model(input_ids=ids).logits, wrapper.value_model.eval()(input_ids=ids).logits)
     assert (out / "training_stats.png").stat().st_size > 10_000 and (out / "log_history.json").is_file()
     assert "- ppo" in (out / "merged" / "README.md").read_text()
+
+
+def test_reinforce_gating_selectors_learn_under_ppo(tmp_path):
+    """The sampled gates of a reinforce-mode RAT are trained with the tokens' PPO signal, not dropped with a warning."""
+    tok = word_tokenizer()
+    model = tiny_rat(tok, gating_mode="reinforce", n_policies=2)
+    trainer = PPOTrainer(model, length_reward, args=ppo_args(tmp_path), train_dataset=chat_dataset(),
+                         processing_class=tok)
+    selectors = {n: p.detach().clone() for n, p in trainer.model.policy.named_parameters() if ".selector_" in n}
+    assert selectors
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*does not train them.*")  # the dropped-signal warning
+        trainer.train()
+    policy = dict(trainer.model.policy.named_parameters())
+    unchanged = [n for n, before in selectors.items() if torch.equal(policy[n], before)]
+    assert not unchanged, f"selectors not trained: {unchanged}"
+    logs = [h for h in trainer.state.log_history if "gate/policy_loss" in h]
+    assert logs and math.isfinite(logs[0]["gate/policy_loss"])

@@ -55,7 +55,9 @@ from torch.utils.data import Sampler
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
                           PreTrainedModel, Trainer)
 
+from ..models.rat.modeling_rat import collect_gate_samples, gate_reinforce_loss
 from .ppo_config import PPOConfig
+from .reinforced_gating import linearized_token_losses
 from .ppo_utils import (clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae_advantages, masked_mean,
                         masked_whiten, per_token_kl, selective_log_softmax)
 
@@ -260,9 +262,9 @@ class PPOTrainer(Trainer):
             logger.warning("the tokenizer has no pad token: padding with its EOS token %r", processing_class.eos_token)
             processing_class.pad_token = processing_class.eos_token
         if getattr(policy.config, "gating_mode", None) == "reinforce":
-            logger.warning("policy has gating_mode='reinforce': its update forward samples gating decisions the "
-                           "rollout (eval mode) did not, so ratios carry that noise, and PPO adds no REINFORCE term "
-                           "for the selectors")
+            logger.warning("policy has gating_mode='reinforce': the update forward samples gating decisions the "
+                           "rollout (eval mode, expected gates) did not, so the importance ratios carry that noise; "
+                           "the sampled gates are trained with the tokens' PPO signal (_gate_loss)")
 
         # value function (built from the plain policy, before any adapter is added)
         value_head = None
@@ -542,9 +544,10 @@ class PPOTrainer(Trainer):
 
     # ---- update ------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs, values = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                position_ids=inputs["position_ids"],
-                                num_completion_tokens=inputs["num_completion_tokens"])
+        with collect_gate_samples() as gate_samples:  # a reinforce-mode RAT policy hands over its sampled gates
+            outputs, values = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                    position_ids=inputs["position_ids"],
+                                    num_completion_tokens=inputs["num_completion_tokens"])
         mask = inputs["completion_mask"]
         policy_tokens, stats = self._policy_loss(outputs, inputs)  # [B, C]
         policy_loss = masked_mean(policy_tokens, mask)
@@ -552,6 +555,10 @@ class PPOTrainer(Trainer):
                                                          self.args.value_clip_eps)
         value_loss = masked_mean(value_tokens, mask)
         loss = policy_loss + self.args.vf_coef * value_loss
+        gate_loss = self._gate_loss(gate_samples, policy_loss, stats["log_probs"], inputs)
+        if gate_loss is not None:
+            loss = loss + self.accelerator.unwrap_model(model).config.policy_loss_coef * gate_loss
+            self._metrics["gate/policy_loss"].append(gate_loss.item())
         with torch.no_grad():
             m = self._metrics
             log_ratio = stats["log_probs"] - inputs["old_log_probs"]
@@ -566,6 +573,31 @@ class PPOTrainer(Trainer):
             m["accuracy"].append(masked_mean((stats["logits"].argmax(-1) == inputs["completion_ids"]).float(),
                                              mask).item())
         return (loss, outputs) if return_outputs else loss
+
+    def _gate_loss(self, gate_samples: list, policy_loss: torch.Tensor, log_probs: torch.Tensor,
+                   inputs: dict) -> torch.Tensor | None:
+        """REINFORCE loss of a reinforce-mode RAT policy's sampled gates, with the tokens' own PPO signal.
+
+        The sampled gates are part of the action: each completion token's policy loss, linearised in its log-prob
+        (`d policy_loss / d log p_t * log p_t`, the clipped surrogate's slope: 0 where the ratio is clipped), is the
+        reward-to-go signal of the gates at and before it (`gate_reinforce_loss`: within the sequence, leave-one-out
+        baseline). None when no gates were sampled (soft gating, other models) or the selectors are frozen (LoRA).
+        """
+        samples = [s for s in gate_samples if s.log_probs.requires_grad]
+        if not samples:
+            return None
+        (token_losses,) = linearized_token_losses(policy_loss, [log_probs])  # [B, C]
+        if token_losses is None:
+            return None
+        (sample,) = samples  # one policy forward per loss
+        seq_len, num_completion = sample.log_probs.shape[1], log_probs.shape[1]
+        # completion token j sits at seq_len - C + j and is predicted at the position before it
+        aligned = torch.zeros_like(sample.log_probs, dtype=token_losses.dtype)
+        aligned[:, seq_len - num_completion - 1: seq_len - 1] = token_losses
+        config = self.accelerator.unwrap_model(self.model).config
+        return gate_reinforce_loss(sample.log_probs, aligned, inputs["attention_mask"].bool(),
+                                   discount=config.policy_discount, position_ids=sample.position_ids,
+                                   gate_entropy=sample.entropy, entropy_coef=config.entropy_coef)
 
     def _policy_loss(self, outputs, inputs: dict) -> tuple[torch.Tensor, dict]:
         """Per-token policy loss `[B, C]`, not reduced (zero weight outside `completion_mask` comes from the caller's
