@@ -89,12 +89,19 @@ class EmbeddingCosineReward:
         weight = embedding.weight if isinstance(embedding, nn.Embedding) else embedding
         if not torch.is_tensor(weight) or weight.dim() != 2:
             raise ValueError("EmbeddingCosineReward: embedding must be an nn.Embedding or a [vocab, dim] tensor")
-        self.weight = weight.detach()
+        # a module is read at call time, so the reward follows it to whatever device it is moved to
+        self.embedding = embedding if isinstance(embedding, nn.Embedding) else None
+        self._weight = weight.detach()
         self.target = target
         self.__name__ = f"cosine_to_{target}"
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight.detach() if self.embedding is not None else self._weight
+
     def _mean(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        vectors = self.weight[ids.to(self.weight.device)].float()  # [N, T, D]
+        weight = self.weight
+        vectors = weight[ids.to(weight.device)].float()  # [N, T, D]
         m = mask.to(vectors.device, torch.float32)[..., None]
         return (vectors * m).sum(1) / m.sum(1).clamp(min=1)  # [N, D]
 

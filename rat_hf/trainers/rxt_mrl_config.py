@@ -6,6 +6,7 @@ follow TRL's `GRPOConfig` where the meaning is the same (`num_generations`, `bet
 (`vf_coef`, `cliprange_value`, `gamma`, `lam`, `whiten_advantages`). See `rxt_mrl_trainer.py` for the algorithm.
 """
 
+import warnings
 from dataclasses import dataclass, field
 
 from .rxt_smat_config import RxTEpisodeArguments
@@ -117,6 +118,10 @@ class RxTMRLConfig(RxTEpisodeArguments):
                                  f"{len(self.curriculum)} curriculum stages, got {self.curriculum_steps!r}")
             if self.max_steps is None or self.max_steps <= 0:
                 self.max_steps = sum(self.curriculum_steps)
+            elif self.max_steps != sum(self.curriculum_steps):
+                warnings.warn(f"max_steps={self.max_steps} but curriculum_steps add up to {sum(self.curriculum_steps)}:"
+                              " training stops " + ("before the last stages" if self.max_steps < sum(
+                                  self.curriculum_steps) else "in the last stage, which runs on"), stacklevel=2)
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
                              "reward_funcs")

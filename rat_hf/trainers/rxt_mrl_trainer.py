@@ -47,9 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.interactions import interaction_text, normalize_interaction, turns
+from ..data.interactions import interaction_text
 from ..rewards.mrl import EmbeddingCosineReward, bleu_reward, exact_match_reward, length_ratio_reward
 from ..tokenization.special_tokens import reactive_token_ids
+from ._rxt_common import record_turns
 from .ppo_utils import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -124,9 +125,10 @@ def episode_plan(num_row_turns: int, num_turns: int, strategy: str) -> tuple[lis
 def tokenize_mrl_row(tokenizer, row, args: RxTMRLConfig) -> dict:
     """Per turn: the prompt `[Q] query [A]` (query cut to `max_prompt_length`), the reference answer's ids, the
     content of the turn as a saved interaction (query + answer, no markers), the answer text; and the strategy."""
+    row = dict(row)  # `datasets` hands over lazy rows
     ids = reactive_token_ids(tokenizer)
     prompts, answers, saved, texts = [], [], [], []
-    for query, answer in turns(normalize_interaction(dict(row))):
+    for query, answer in record_turns(row):
         prompt = tokenizer(interaction_text(query), add_special_tokens=False)["input_ids"]
         if prompt[0] != ids["query"] or prompt[-1] != ids["answer"]:
             raise ValueError(f"the tokenizer does not keep [Q]/[A] as single tokens around {query!r}")
@@ -231,6 +233,9 @@ class RxTMRLModule(RxTEpisodeModule):
         if a.memory_drift_coef > 0:
             if a.memory_drift_target == "previous":
                 targets = [m.detach() for m in [memories[0], *memories[:-1]]]
+            elif drift_targets is None:
+                raise ValueError("RxTMRLModule: memory_drift_target='reference' needs drift_targets (the reference "
+                                 "model's memories)")
             else:
                 targets = [None, *[drift_targets[:, j] for j in range(1, num_updates + 1)]]
             drift = memory_drift(memories, targets, turn_mask.bool().any(-1))
@@ -264,8 +269,8 @@ class RxTMRLTrainer(RxTEpisodeTrainer):
         needs_ref = args.beta > 0 or args.memory_drift_target == "reference" or reward_funcs is None
         if ref_model is None and needs_ref:
             ref_model = copy.deepcopy(model)
-        if ref_model is not None:
-            ref_model = ref_model.eval().requires_grad_(False)
+        if ref_model is not None:  # on the training device before the rewards read its embedding
+            ref_model = ref_model.eval().requires_grad_(False).to(args.device)
         self.ref_model = ref_model
         self.reward_funcs = list(reward_funcs) if reward_funcs is not None else self._named_rewards(args, ref_model)
         if reward_funcs is not None:
@@ -288,8 +293,6 @@ class RxTMRLTrainer(RxTEpisodeTrainer):
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=lambda rows: rows, **kwargs)
-        if self.ref_model is not None:
-            self.ref_model.to(self.args.device)
         self._buffer: list[dict | None] = [None] * args.gradient_accumulation_steps
         self._micro_step = 0
 
@@ -377,9 +380,12 @@ class RxTMRLTrainer(RxTEpisodeTrainer):
         Returns `(samples, written, memories, ref_memories)`: `samples` one dict per scored (row, turn) group,
         `written[k][b]` the interaction ids written at turn k, the policy's and the reference's memories per turn.
         """
-        a = self.args
         policy = causal_lm(self.policy)
-        episodes = self._episodes(rows, num_turns)
+        with self._eval_mode(policy):  # the acting policy: no dropout
+            return self._play(policy, self._episodes(rows, num_turns), num_generations, do_sample)
+
+    def _play(self, policy, episodes, num_generations: int, do_sample: bool):
+        a = self.args
         B, K = len(episodes), max(len(e) for e in episodes)
         device = self.args.device
         memory = policy.init_memory(B, device=device)
@@ -418,13 +424,12 @@ class RxTMRLTrainer(RxTEpisodeTrainer):
     def _sample_and_score(self, turns_: list[dict], memory, G: int, do_sample: bool) -> dict:
         a, tok = self.args, self.processing_class
         prompts, prompt_mask = self._pad([t["prompt"] for t in turns_], left=True)
-        policy = causal_lm(self.policy)
-        with self._eval_mode(policy):
-            kwargs = dict(do_sample=True, temperature=a.temperature, top_k=a.top_k or None, top_p=a.top_p) \
-                if do_sample else dict(do_sample=False)
-            out = policy.generate(input_ids=prompts, attention_mask=prompt_mask, memory=memory,
-                                  num_return_sequences=G, max_new_tokens=a.max_completion_length,
-                                  eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, **kwargs)
+        kwargs = dict(do_sample=True, temperature=a.temperature, top_k=a.top_k or None, top_p=a.top_p) \
+            if do_sample else dict(do_sample=False)
+        out = causal_lm(self.policy).generate(
+            input_ids=prompts, attention_mask=prompt_mask, memory=memory, num_return_sequences=G,
+            max_new_tokens=a.max_completion_length, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            **kwargs)
         completion = out[:, prompts.shape[1]:]  # [n*G, C]
         is_eos = completion == self.eos_token_id
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
@@ -550,12 +555,11 @@ class RxTMRLTrainer(RxTEpisodeTrainer):
         num_turns = num_turns or self.args.curriculum[self.curriculum_stage()]
         batch_size = batch_size or self.args.per_device_eval_batch_size
         rewards, exact = [], []
-        with self._eval_mode(self.policy):
-            for start in range(0, len(dataset), batch_size):
-                rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-                samples = self.sample_episodes(rows, num_turns, num_generations, do_sample)[0]
-                rewards += [s["rewards"] for s in samples]
-                exact += [s["exact"] for s in samples]
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            samples = self.sample_episodes(rows, num_turns, num_generations, do_sample)[0]
+            rewards += [s["rewards"] for s in samples]
+            exact += [s["exact"] for s in samples]
         return {"reward": torch.cat(rewards).mean().item(), "exact_match": torch.cat(exact).mean().item(),
                 "turns": num_turns}
 

@@ -17,8 +17,9 @@ episode — init memory, then per turn: answer from the memory, write the turn i
 
 The Trainer's model is that module (`trainer.model.policy` is the RxT); `save_model` and checkpoints write the RxT
 itself (`from_pretrained`-loadable), and resuming reads it back. Data: records `{"query", "answer", "interactions"}`
-(`rat_hf.data.load_interactions`, `memory_recall_dataset`), tokenized with `tokenize_interaction` (labels on the answer
-and EOS only; padding is never a target), or already tokenized `turn_input_ids`/`turn_labels` columns.
+(`rat_hf.data.load_interactions`, `memory_recall_dataset`) or chat `messages` (`default_dialogs()`), tokenized with
+`tokenize_interaction` (labels on the answer and EOS only; padding is never a target), or already tokenized
+`turn_input_ids`/`turn_labels` columns.
 
 Gradual unfreezing (`unfreeze_schedule`): a component that is not yet trained keeps its weights exactly (its gradients
 are dropped after every backward, so neither the optimizer's update nor its weight decay touches it, and gradient
@@ -45,9 +46,9 @@ from .rxt_smat_config import COMPONENTS, RxTSMATConfig
 
 logger = logging.getLogger("rat_hf.trainers")
 
-EXTRA_STATE_NAME = "rxt_trainer_modules.safetensors"
+EXTRA_STATE_NAME = "rxt_trainer_modules.safetensors"  # trainer-owned modules (the MRL value head) in a checkpoint
 # The parts whose gradients prove a step trained through the memory: what reads it, what writes it.
-MEMORY_PARTS = ("cross_attention", "encoder", "memory_attention")  # trainer-owned modules (the MRL value head) in a checkpoint
+MEMORY_PARTS = ("cross_attention", "encoder", "memory_attention")
 
 
 # --- data ------------------------------------------------------------------------------------------------------------
