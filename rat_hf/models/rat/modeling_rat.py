@@ -17,7 +17,7 @@ sdpa, flash, flex) runs unchanged. `gates_off=True` in `forward` runs the model 
 losses of tokens t, t+1, ... of its document, against a leave-one-out baseline; in eval it uses the selector's
 expectation. `RatForCausalLM.forward` adds that loss when given `labels`. A forward that bypasses it (TRL's fused LM
 head calls `model.model` + `lm_head`) hands its sampled log-probs to the innermost `collect_gate_samples()` context
-instead, where trainers that know their per-token losses pick them up (`rat_hf.trainers.RatSFTTrainer`, ...); with no
+instead, where trainers that know their per-token losses pick them up (`rat_hf.trainers.reinforced_gating`); with no
 such context, a training forward with gradients warns once that the selectors learn nothing from it.
 
 The KV cache and the convolution state live in one `DynamicCache` with `"hybrid"` layers, so `generate()` works with
@@ -466,8 +466,9 @@ def _hand_over_gate_samples(samples: RatGateSamples) -> None:
         "RAT gating_mode='reinforce': this training forward sampled gating policies, but its caller does not train "
         "them, so the gate selectors learn nothing from it. RatForCausalLM.forward trains them when given `labels` "
         "(transformers Trainer, RatTrainer); TRL's SFTTrainer/DPOTrainer/GRPOTrainer call model.model + lm_head "
-        "instead: use rat_hf.trainers.RatSFTTrainer / RatDPOTrainer / RatGRPOTrainer; a custom loop runs its forward "
-        "inside rat_hf.trainers.collect_gate_samples() and adds rat_hf.trainers.gate_reinforce_loss(...) to its loss.",
+        "instead: use RatSFTTrainer / RatDPOTrainer / RatGRPOTrainer from rat_hf.trainers.reinforced_gating; a custom "
+        "loop runs its forward inside collect_gate_samples() and adds gate_reinforce_loss(...) to its loss (both in "
+        "the same module).",
         UserWarning, stacklevel=2,
     )
 
