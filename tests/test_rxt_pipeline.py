@@ -27,16 +27,19 @@ FAST = ["--set", "pretrain.max_steps=6", "--set", "pretrain.recall_conversations
         *[x for s in STAGES for x in ("--set", f"{s}.disable_tqdm=true")]]
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and a loaded CI machine does not thrash)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models run fastest on one thread
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("rxt_pipeline")
-    try:
-        summary = run_pipeline(["--preset", "tiny", "--output_root", str(root), *FAST])
-    finally:
-        torch.set_num_threads(threads)
-    return root, summary
+    return root, run_pipeline(["--preset", "tiny", "--output_root", str(root), *FAST])
 
 
 def test_the_tiny_pipeline_runs_every_stage_in_order_and_records_wall_times(pipeline):
