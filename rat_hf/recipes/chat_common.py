@@ -213,26 +213,19 @@ def save_base_model(model, tokenizer, output_dir: str) -> str:
 
 
 def sft_trainer_class(model):
-    """The SFT trainer for `model` (the one place to switch it, e.g. to a subclass that trains RAT's sampled gates)."""
-    import trl
+    """The SFT trainer: `trl.SFTTrainer` that also trains a reinforce-mode RAT's sampled gates (any other model
+    trains exactly as under `SFTTrainer`; see rat_hf.trainers.reinforced_gating)."""
+    from rat_hf.trainers.reinforced_gating import RatSFTTrainer
 
-    _warn_frozen_gates(model, "SFTTrainer")
-    return trl.SFTTrainer
+    return RatSFTTrainer
 
 
 def grpo_trainer_class(model):
-    """The GRPO trainer for `model` (the one place to switch it, e.g. to a subclass that trains RAT's sampled gates
-    with the completions' advantages)."""
-    import trl
+    """The GRPO trainer: `trl.GRPOTrainer` that also trains a reinforce-mode RAT's sampled gates with the
+    completions' advantages (any other model trains exactly as under `GRPOTrainer`)."""
+    from rat_hf.trainers.reinforced_gating import RatGRPOTrainer
 
-    _warn_frozen_gates(model, "GRPOTrainer")
-    return trl.GRPOTrainer
-
-
-def _warn_frozen_gates(model, trainer: str) -> None:
-    if getattr(model.config, "gating_mode", None) == "reinforce":
-        logger.warning("gating_mode='reinforce': %s computes log-probabilities through model.model + lm_head, so "
-                       "RatForCausalLM's REINFORCE term never runs and the gate selectors stay as they are", trainer)
+    return RatGRPOTrainer
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
