@@ -3,6 +3,7 @@ then a `ReactiveSession` with the result remembers a fact across turns (memory-r
 chance, and lower with the memory reset). Also the driver's loud handling of a missing stage's recipe."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,10 +17,13 @@ from rat_hf.recipes.rxt_pipeline import REPO_ROOT, STAGES, main, parse_pipeline,
 # checkpoint, SMAT (turn k answered from the memory of turns 0..k-1) does the teaching; MRL a couple of steps.
 # SMAT keeps the preset's ~500 steps of 32 episodes, what it takes to move recall clearly above chance (150 x 16
 # left it at 0.02): the fixture takes minutes on 2 cores, over the 120 s budget.
+# The recall check needs the preset's full SMAT (minutes on 2 cores): opt in with RAT_HF_SLOW_TESTS=1; by default the
+# pipeline's mechanics run with a few SMAT steps and the recall check is skipped (visibly).
+SLOW = os.environ.get("RAT_HF_SLOW_TESTS") == "1"
 FAST = ["--set", "pretrain.max_steps=6", "--set", "pretrain.recall_conversations=60",
         "--set", "sft.max_steps=4", "--set", "sft.recall_conversations=60",
         "--set", "memattn.max_steps=3", "--set", "memattn.recall_conversations=40",
-        "--set", "smat.eval_conversations=8",
+        "--set", "smat.eval_conversations=8", *(() if SLOW else ("--set", "smat.max_steps=8")),
         "--set", "mrl.curriculum_steps=[1,1]", "--set", "mrl.recall_conversations=16",
         *[x for s in STAGES for x in ("--set", f"{s}.disable_tqdm=true")]]
 
@@ -51,6 +55,7 @@ def test_the_tiny_pipeline_runs_every_stage_in_order_and_records_wall_times(pipe
     assert written["missing"] == []
 
 
+@pytest.mark.skipif(not SLOW, reason="needs the preset's full SMAT (minutes): set RAT_HF_SLOW_TESTS=1")
 def test_the_result_remembers_a_fact_across_turns_in_a_session(pipeline):
     """Held-out memory-recall episodes at distance 1 (fact, one distractor, question), told through
     `ReactiveSession.remember` and asked with `interact`: recall above chance, and it drops with the memory reset."""
