@@ -83,6 +83,9 @@ class RxTMRLConfig(RxTEpisodeArguments):
                           "memory before this update, detached (penalises overwriting)"})
     # -- critic -------------------------------------------------------------------------------------------------------
     vf_coef: float = field(default=0.5, metadata={"help": "critic: weight of the value loss"})
+    vf_learning_rate: float | None = field(
+        default=None, metadata={"help": "critic: learning rate of the value head, which starts from zero next to a "
+                                        "trained policy and may want larger steps; None: learning_rate"})
     cliprange_value: float | None = field(default=0.2, metadata={"help": "critic: value clipping (None: off)"})
     gamma: float = field(default=1.0, metadata={"help": "critic: discount over an answer's tokens"})
     lam: float = field(default=0.95, metadata={"help": "critic: GAE lambda"})
@@ -128,6 +131,8 @@ class RxTMRLConfig(RxTEpisodeArguments):
         for name in ("temperature", "epsilon"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.vf_learning_rate is not None and not self.vf_learning_rate > 0:
+            raise ValueError(f"vf_learning_rate must be > 0 or None, got {self.vf_learning_rate}")
         for name in ("beta", "memory_drift_coef", "vf_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -56,6 +56,7 @@ from .ppo_utils import (
     clipped_value_loss,
     gae_advantages,
     masked_mean,
+    masked_var,
     masked_whiten,
     per_token_kl,
     selective_log_softmax,
@@ -229,6 +230,9 @@ class RxTMRLModule(RxTEpisodeModule):
             loss = masked_mean(policy_loss, mask) + a.vf_coef * value_loss
             out["value_loss"] = value_loss.detach()
             out["value_mean"] = masked_mean(values, mask).detach()
+            # the share of the returns' variance the critic explains (1: perfect, 0: no better than their mean)
+            explained = 1 - masked_var(returns - values.detach(), mask) / masked_var(returns, mask).clamp(min=1e-8)
+            out["value_explained_variance"] = explained.detach()
         out["policy_loss"] = masked_mean(policy_loss, mask).detach()
         if a.memory_drift_coef > 0:
             if a.memory_drift_target == "previous":
@@ -298,6 +302,26 @@ class RxTMRLTrainer(RxTEpisodeTrainer):
 
     def _build_module(self, model, args) -> RxTMRLModule:
         return RxTMRLModule(model, args)
+
+    def create_optimizer(self, model=None):
+        """`Trainer`'s optimizer; with `vf_learning_rate`, the value head's parameters in groups of their own at that
+        rate (same weight decay as before; the schedule scales every group alike)."""
+        optimizer = super().create_optimizer(model)
+        module = self.accelerator.unwrap_model(self.model)
+        if self.args.vf_learning_rate is None or not hasattr(module, "value_head"):
+            return optimizer
+        head = {id(p) for p in module.value_head.parameters()}
+        moved = []
+        for group in optimizer.param_groups:
+            mine = [p for p in group["params"] if id(p) in head]
+            if mine:
+                group["params"] = [p for p in group["params"] if id(p) not in head]
+                moved.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine,
+                              "lr": self.args.vf_learning_rate})
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        for group in moved:
+            optimizer.add_param_group(group)
+        return optimizer
 
     def _named_rewards(self, args: RxTMRLConfig, ref_model) -> list:
         embedding = ref_model.get_input_embeddings() if ref_model is not None else None
