@@ -75,3 +75,92 @@ def test_an_untrained_memory_keeps_what_it_read(kind):
     # measured (seed 0): decoupled 1.09 / 0.91, interpolate 0.33 / 0.25 (simple: exactly 0.5 per turn)
     assert kept > 0.85, kept
     assert lost < 0.4, lost
+
+
+# --- recall after training on single writes --------------------------------------------------------------------------
+# A `memory_recall_dataset` conversation turned into token ids, each turn reduced to what carries its content: the
+# fact `[Q] REMEMBER value [A] EOS`, a distractor `[Q] BY_THE_WAY value' [A] EOS` (another person's fact: a competing
+# value) or `[Q] PLUS [A] EOS` (arithmetic), and the question `[Q] ASK attribute [A] value EOS`. Reading English costs
+# a tiny model thousands of CPU steps before its memory is exercised at all (measured: with the dataset's text and a
+# BPE, neither residual recalls even the previous turn above 25% after 600 steps), so the text is left out here.
+MARKERS = ["<pad>", "<bos>", "<eos>", "[Q]", "[A]", "REMEMBER", "BY_THE_WAY", "PLUS", "ASK", "OTHER"]
+CATEGORICAL = ("favorite color", "home city", "pet's name")  # ten values each: chance is 1/10 once asked
+
+
+def _vocabulary() -> dict:
+    from rat_hf.data import interactions
+
+    words = MARKERS + list(CATEGORICAL) + interactions._COLORS + interactions._CITIES + interactions._PETS
+    return {w: i for i, w in enumerate(words)}
+
+
+def _episode(record, vocab) -> tuple:
+    """(turns before the question, the question) of one conversation, as token-id lists."""
+    import re
+
+    q, a, eos = vocab["[Q]"], vocab["[A]"], vocab["<eos>"]
+    fact = re.fullmatch(r"Please remember this: \w+'s (.+) is (.+)\.", record["query"])
+    before = [[q, vocab["REMEMBER"], vocab[fact[2]], a, eos]]
+    for turn in record["interactions"][:-1]:
+        other = re.fullmatch(r"By the way, \w+'s (.+) is (.+)\.", turn["query"])
+        before.append([q, vocab["BY_THE_WAY"], vocab.get(other[2], vocab["OTHER"]), a, eos] if other
+                      else [q, vocab["PLUS"], a, eos])
+    return before, [q, vocab["ASK"], vocab[fact[1]], a, vocab[fact[2]], eos]
+
+
+def _recall_batch(distance: int, n: int, seed: int, vocab: dict) -> tuple:
+    """`(turns [each (ids, mask)], question ids [n, 6])` of n conversations with a categorical fact."""
+    records = [r for r in memory_recall_dataset(4 * n, distance, seed=seed)
+               if any(f"'s {c} is" in r["query"] for c in CATEGORICAL)][:n]
+    episodes = [_episode(r, vocab) for r in records]
+    turns_ = []
+    for k in range(distance + 1):
+        rows = [e[0][k] for e in episodes]
+        width = max(map(len, rows))
+        turns_.append((torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+                       torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])))
+    return turns_, torch.tensor([e[1] for e in episodes])
+
+
+def _answer_logits(model, batch) -> torch.Tensor:
+    turns_, question = batch
+    memory = model.init_memory(question.shape[0])
+    for ids, mask in turns_:
+        memory = model.update_memory(memory, ids, mask)
+    return model(question[:, :-2], memory=memory).logits[:, -1]  # what follows `[A]`: the value
+
+
+def _train_on_single_writes(seed: int, steps: int, **config) -> dict:
+    """A tiny RxT trained on the fact of the previous turn only (distance 0); recall at distances 0, 1, 2."""
+    vocab = _vocabulary()
+    torch.manual_seed(seed)
+    model = RxTForCausalLM(RxTConfig(**{**TINY, "vocab_size": len(vocab), "hidden_size": 64, "intermediate_size": 128,
+                                        "eos_token_id": vocab["<eos>"], **config})).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        batch = _recall_batch(0, 32, seed=seed * 10_000 + step, vocab=vocab)
+        loss = torch.nn.functional.cross_entropy(_answer_logits(model, batch), batch[1][:, -2])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        return {d: (_answer_logits(model, b).argmax(-1) == b[1][:, -2]).float().mean().item()
+                for d in (0, 1, 2) for b in [_recall_batch(d, 200, seed=-1 - d, vocab=vocab)]}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_fact_read_once_is_recalled_two_turns_later(seed):
+    """Trained only to recall the previous turn (120 steps, ~7 s), the default memory still holds the fact after two
+    more interactions. Measured (seeds 0, 1, 2): distance 0: 1.0, 1.0, 1.0; distance 2: 0.365, 0.435, 0.38; chance 0.1."""
+    recall = _train_on_single_writes(seed, steps=120)
+    assert recall[0] > 0.9, recall
+    assert recall[2] > 0.25, recall
+
+
+def test_the_interpolating_gate_forgets_it():
+    """The same training with the former default (`interpolate`, G = 0.5 in both stages): the fact is learned and lost
+    two turns later. Measured (seed 1): distance 0: 1.0, 1: 0.29, 2: 0.12 (seed 0, 200 steps: 1.0, 0.17, 0.10)."""
+    recall = _train_on_single_writes(1, steps=120, memory_residual="interpolate")
+    assert recall[0] > 0.9, recall
+    assert recall[2] < 0.2, recall

@@ -332,12 +332,24 @@ def test_memory_stages_run_in_bf16(tokenizer, conversations, how):
 
 
 # --- recipes, chained through saved checkpoints ----------------------------------------------------------------------
-def test_recipes_chain_through_saved_checkpoints(tmp_path):
+def test_offline_conversations_mix_dialogs_and_memory_recall():
+    from rat_hf.trainers._rxt_common import offline_conversations
+
+    data = offline_conversations(recall_conversations=6, recall_distances=(1, 2), seed=0)
+    recall = [r for r in data if r["query"].startswith("Please remember this")]
+    assert sorted(len(r["interactions"]) for r in recall) == [2, 2, 2, 3, 3, 3]  # distance + the question
+    dialogs = [r for r in data if not r["query"].startswith("Please remember this")]
+    assert len(dialogs) > 100 and all(record_turns(r) for r in dialogs)
+
+
+def test_recipes_chain_through_saved_checkpoints(tmp_path, conversations):
     import runpy
     from pathlib import Path
 
     recipes = Path(__file__).resolve().parents[1] / "recipes"
-    quick = ["--max_steps", "3", "--logging_steps", "1", "--recall_conversations", "40", "--disable_tqdm", "true"]
+    data = tmp_path / "conversations.jsonl"  # a local file of conversation records (`--dataset offline` is the default)
+    conversations.select_columns(["query", "answer", "interactions"]).to_json(str(data))
+    quick = ["--max_steps", "3", "--logging_steps", "1", "--dataset", str(data), "--disable_tqdm", "true"]
     previous = None
     for stage in ("pretrain", "sft", "memattn"):
         out = tmp_path / stage
