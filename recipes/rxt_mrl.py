@@ -1,6 +1,7 @@
 """Reactive Transformer curriculum, stage 5: memory reinforcement learning (MRL) over a curriculum of episode lengths.
 
-    python recipes/rxt_mrl.py --config recipes/configs/rxt_mrl_tiny.yaml --model_name_or_path outputs/rxt_smat_tiny
+    accelerate launch recipes/rxt_mrl.py --config recipes/configs/rxt_mrl_tiny.yaml \
+        --model_name_or_path outputs/rxt_smat_tiny          # or `python recipes/rxt_mrl.py ...`: one process
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/rxt_mrl.py \
         --config recipes/configs/rxt_mrl_tiny.yaml --model_name_or_path outputs/rxt-4 --output_dir outputs/rxt-5 \
         --curriculum 2 4 8 16 --curriculum_steps 200 200 300 300 --push_to_hub --hub_model_id you/rxt-mrl
@@ -104,7 +105,7 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the card
 
-    # ---- model (the reference is a frozen copy, made by the trainer) --------------------------------------------------
+    # ---- model (the reference is a frozen copy, made by the trainer) -------------------------------------------------
     model, tokenizer = load_stage_model(margs.model_name_or_path, attn_implementation=margs.attn_implementation)
 
     # ---- data --------------------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def main(argv=None) -> dict:
     start = trainer.evaluate_rewards(num_turns=args.curriculum[0])
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
-    # ---- evaluation, save, curves, card, push -------------------------------------------------------------------------
+    # ---- evaluation, save, curves, card, push ------------------------------------------------------------------------
     trainer.save_model(args.output_dir)
     if not trainer.is_world_process_zero():
         return {}

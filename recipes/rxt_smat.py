@@ -1,6 +1,7 @@
 """Reactive Transformer curriculum, stage 4: supervised memory-aware training (SMAT).
 
-    python recipes/rxt_smat.py --config recipes/configs/rxt_smat_tiny.yaml --model_name_or_path outputs/rxt_memattn_tiny
+    accelerate launch recipes/rxt_smat.py --config recipes/configs/rxt_smat_tiny.yaml \
+        --model_name_or_path outputs/rxt_memattn_tiny          # or `python recipes/rxt_smat.py ...`: one process
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/rxt_smat.py \
         --config recipes/configs/rxt_smat_tiny.yaml --model_name_or_path outputs/rxt-3 --output_dir outputs/rxt-4 \
         --gradient_checkpointing true --push_to_hub --hub_model_id you/rxt-smat
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
     trainer = RxTSMATTrainer(model, args, train_dataset=conversations, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
-    # ---- evaluation, save, curves, card, push -------------------------------------------------------------------------
+    # ---- evaluation, save, curves, card, push ------------------------------------------------------------------------
     trainer.save_model(args.output_dir)
     if not trainer.is_world_process_zero():
         return {}

@@ -88,7 +88,8 @@ def test_rewards_take_trl_lists_or_device_tensors_alike():
         assert isinstance(from_lists, list) and len(from_lists) == 4
         assert from_lists == pytest.approx(from_tensors, abs=1e-6), getattr(f, "__name__", f)
     assert exact_match_reward(completion_ids=completions, reference_ids=references) == [1.0, 0.0, 0.0, 0.0]
-    assert length_ratio_reward(completion_ids=completions, reference_ids=references) == pytest.approx([1, 2 / 3, 0, 0.5])
+    lengths = length_ratio_reward(completion_ids=completions, reference_ids=references)
+    assert lengths == pytest.approx([1, 2 / 3, 0, 0.5])
     cosine = EmbeddingCosineReward(embedding, "reference")(completion_ids=completions, reference_ids=references)
     assert cosine[0] == pytest.approx(1.0) and cosine[2] == 0.0  # identical; an empty answer scores 0
     assert [f.__name__ for f in funcs[:2]] == ["bleu_to_reference", "bleu_to_saved"]
@@ -98,7 +99,7 @@ def test_rewards_take_trl_lists_or_device_tensors_alike():
         bleu_to_reference(completion_ids=ids, reference_ids=references)
 
 
-# --- rollout order -----------------------------------------------------------------------------------------------------
+# --- rollout order ---------------------------------------------------------------------------------------------------
 def test_answers_are_scored_before_the_memory_reads_them(tmp_path, tokenizer):
     """With memory_answer="best", the interaction a scored turn writes is its best sample, and no sample reaches the
     memory before the reward functions have seen it (RxLM wrote the accepted answer first)."""

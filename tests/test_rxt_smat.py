@@ -177,10 +177,9 @@ def test_gradual_unfreezing_trains_each_part_from_its_step(tmp_path, tokenizer):
                              train_dataset=color_recall(32, [1, 2], seed=0), processing_class=tokenizer,
                              callbacks=[snapshots])
     trainer.train()
-    after_1, after_3 = changed(model, before), None
-    after_1 = {part: any(not torch.equal(snapshots.by_step[1][n], before[n]) for n, _ in model.named_parameters()
-                         if component_of(n) == part) for part in after_1}
     after_3 = changed(model, before)
+    after_1 = {part: any(not torch.equal(snapshots.by_step[1][n], before[n]) for n, _ in model.named_parameters()
+                         if component_of(n) == part) for part in after_3}
     # step 1 (global step 0): the memory parts and the cross-attention train; the decoder and encoder wait
     assert after_1 == {"embeddings": False, "decoder": False, "cross_attention": True, "encoder": False,
                        "memory_attention": True, "memory_init": True}
@@ -239,6 +238,25 @@ def test_saves_the_rxt_and_resumes_exactly(tmp_path, tokenizer):
         resume_from_checkpoint=str(checkpoint))
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_trains_a_lora_adapter_on_every_part_and_resumes_it(tmp_path, tokenizer):
+    """PEFT's default LoRA targets for `rxt` reach the encoder and the memory attention too; every adapter weight
+    trains, and a checkpoint (the adapter) resumes into a fresh PEFT model."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(new_model(tokenizer), LoraConfig(task_type="CAUSAL_LM", r=4))
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert {component_of(n) for n in trainable} >= {"encoder", "memory_attention", "cross_attention", "decoder"}
+    args = arguments(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    data = color_recall(16, [1, 2], seed=0)
+    RxTSMATTrainer(model, args, train_dataset=data, processing_class=tokenizer).train()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, trainable[n])] == []
+    resumed = get_peft_model(new_model(tokenizer, seed=1), LoraConfig(task_type="CAUSAL_LM", r=4))
+    trainer = RxTSMATTrainer(resumed, args, train_dataset=data, processing_class=tokenizer)
+    trainer._load_from_checkpoint(str(tmp_path / "checkpoint-2"))
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert not a.requires_grad or torch.equal(a, b), name
 
 
 # --- learning --------------------------------------------------------------------------------------------------------

@@ -508,7 +508,8 @@ class RxTMRLTrainer(RxTEpisodeTrainer):
         K_needed = int(batch["sample_turn"].max())
         turn_ids = [self._pad(written[k], left=False) for k in range(max(K_needed, 1))]
         T = max(t[0].shape[1] for t in turn_ids)
-        batch["turn_ids"] = torch.stack([F.pad(i, (0, T - i.shape[1]), value=self.pad_token_id) for i, _ in turn_ids], 1)
+        batch["turn_ids"] = torch.stack(
+            [F.pad(i, (0, T - i.shape[1]), value=self.pad_token_id) for i, _ in turn_ids], 1)
         batch["turn_mask"] = torch.stack([F.pad(m, (0, T - m.shape[1]), value=False) for _, m in turn_ids], 1).long()
         if self.ref_model is not None and a.memory_drift_target == "reference" and a.memory_drift_coef > 0:
             batch["drift_targets"] = torch.stack(ref_memories[: K_needed + 1], 1)

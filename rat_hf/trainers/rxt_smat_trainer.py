@@ -132,7 +132,8 @@ class RxTEpisodeModule(nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         enable = getattr(self.policy, "activation_checkpointing_enable", None)
         if enable is None:  # transformers < 5.24 names it gradient_checkpointing_enable
-            return self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+            return self.policy.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
         return enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self):
@@ -210,6 +211,11 @@ class RxTEpisodeTrainer(Trainer):
             logger.info("%s: %s", type(self).__name__, chosen)
         super().__init__(model=module, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # also when chosen by an accelerate config file
+            raise ValueError(f"{type(self).__name__}: FSDP and DeepSpeed are not supported (the episode module saves "
+                             "and loads the RxT itself, and ZeRO keeps gradients out of `.grad`, which gradual "
+                             "unfreezing and the first-step gradient check read); use DDP (accelerate's multi_gpu "
+                             "config)")
         self.model_accepts_loss_kwargs = False  # the loss is a per-batch mean; Trainer scales it for accumulation
         self._metrics: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # key -> [sum, weight]
         named = dict(causal_lm(self.model.policy).named_parameters())  # tied weights once (the embedding)
@@ -325,7 +331,8 @@ class RxTEpisodeTrainer(Trainer):
             policy = module.policy
             state = load_file(os.path.join(resume_from_checkpoint, "model.safetensors"))
             missing, unexpected = policy.load_state_dict(state, strict=False)
-            tied = set(getattr(policy, "_tied_weights_keys", None) or {}) if policy.config.tie_word_embeddings else set()
+            tied = set(getattr(policy, "_tied_weights_keys", None) or {})
+            tied = tied if policy.config.tie_word_embeddings else set()
             if unexpected or set(missing) - tied:
                 raise ValueError(f"checkpoint {resume_from_checkpoint!r} does not match the model: missing "
                                  f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
