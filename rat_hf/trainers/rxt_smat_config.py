@@ -37,8 +37,9 @@ class RxTEpisodeArguments(TrainingArguments):
         default=None,
         metadata={"help": "gradual unfreezing, JSON {component: first step (or epoch, see unfreeze_unit) it trains}; "
                           "null: frozen throughout; a component left out trains from the start. Components: "
-                          + ", ".join(COMPONENTS) + " (embeddings: also the LM head when tied). E.g. '{\"decoder\": 200, \"embeddings\": null}' trains the "
-                          "memory parts first and the decoder from step 200"})
+                          + ", ".join(COMPONENTS) + " (embeddings: also the LM head when tied). E.g. "
+                          "'{\"decoder\": 200, \"embeddings\": null}' trains the memory parts first and the decoder "
+                          "from step 200"})
     unfreeze_unit: str = field(default="step", metadata={"help": "unit of unfreeze_schedule: step or epoch"})
     # Trainer's defaults that do not fit episode data: the collators read columns `Trainer` does not know.
     remove_unused_columns: bool = field(
