@@ -201,6 +201,14 @@ def test_the_decoder_reads_the_encoder_in_joint_training(tokenizer):
         assert not torch.allclose(model(**other, memory_from_encoder=True).logits, out.logits)
 
 
+def test_joint_loss_adds_the_moe_load_balancing_loss(tokenizer):
+    model = new_model(tokenizer, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    batch = RxTJointCollator(tokenizer)([{"input_ids": tokenizer(interaction_text("Hi there", "Hello!"))["input_ids"]}])
+    out = model(**batch, memory_from_encoder=True)
+    assert out.aux_loss is not None and out.lm_loss is not None and out.mlm_loss is not None
+    torch.testing.assert_close(out.loss, out.lm_loss + out.mlm_loss + model.config.router_aux_loss_coef * out.aux_loss)
+
+
 # --- stage 2: interaction SFT ----------------------------------------------------------------------------------------
 def test_sft_labels_are_the_answer_and_its_eos(tmp_path, tokenizer, conversations):
     args = arguments(RxTSFTConfig, tmp_path)
