@@ -43,9 +43,9 @@ def launch(cwd, args, config_file=None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
 
 
-def losses(output_dir: Path) -> dict[int, dict]:
+def losses(output_dir: Path, steps: int = STEPS) -> dict[int, dict]:
     """step -> the training log of that step, from the last checkpoint's trainer_state.json."""
-    state = json.loads((output_dir / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    state = json.loads((output_dir / f"checkpoint-{steps}" / "trainer_state.json").read_text())
     return {entry["step"]: entry for entry in state["log_history"] if "loss" in entry}
 
 
@@ -111,23 +111,50 @@ def test_one_process_at_the_same_global_batch_gives_the_same_losses(ddp_run, one
         assert one[step]["grad_norm"] == pytest.approx(two[step]["grad_norm"], rel=1e-5, abs=0), step
 
 
-LM_LOSS_BUG = ("RatTrainer logs lm_loss (and the perplexity from it) at 1/num_processes of the true value under DDP "
-               "without gradient checkpointing, and at 1/gradient_accumulation_steps with accumulation: the model "
-               "divides each micro-batch's summed loss by the tokens of the whole step (num_items_in_batch), Trainer "
-               "sums the micro-batches' `loss` and multiplies it by num_processes in place, but RatTrainer._collect "
-               "averages lm_loss unscaled (it is only right when lm_loss is the very tensor Trainer scaled: DeepSpeed, "
-               "DDP with checkpointing). Flip to plain tests when rat_hf/trainers/rat_trainer.py is fixed.")
+SHORT = 2  # steps of the runs below, which only check what is logged
+SHORT_RUN = [*RUN, "--max_steps", str(SHORT), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
+             "2", "--save_steps", str(SHORT)]
 
 
-@pytest.mark.xfail(strict=True, reason=LM_LOSS_BUG)
-@pytest.mark.parametrize("run", ["two processes", "gradient accumulation"])
+@pytest.fixture(scope="module")
+def ddp_checkpointing_run(tmp_path_factory):
+    """Two processes accumulating two micro-batches with gradient checkpointing. `Trainer` then builds DDP with
+    `find_unused_parameters=False`, which returns the model's outputs uncloned: `lm_loss` is the very tensor
+    `Trainer` multiplies by the number of processes in place (in `ddp_run` DDP clones it first)."""
+    tmp = tmp_path_factory.mktemp("ddp_ckpt")
+    result = launch(tmp, [*SHORT_RUN, "--output_dir", tmp / "out", "--gradient_checkpointing", "true"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp / "out"
+
+
+@pytest.mark.parametrize("run", ["two processes", "gradient accumulation", "two processes, checkpointing"])
 def test_lm_loss_is_the_loss(run, request):
-    """The tiny config trains without reinforce gating, so `loss` is `lm_loss`: the two logs must agree."""
-    out = request.getfixturevalue("ddp_run")[0] if run == "two processes" else request.getfixturevalue(
-        "one_process_run")
-    for step, entry in losses(out).items():
+    """The tiny config trains without reinforce gating, so `loss` is `lm_loss`: the two logs must agree (before the
+    fix `lm_loss` read 1/processes of `loss` under DDP and 1/accumulation steps with accumulation)."""
+    fixture, steps = {"two processes": ("ddp_run", STEPS), "gradient accumulation": ("one_process_run", STEPS),
+                      "two processes, checkpointing": ("ddp_checkpointing_run", SHORT)}[run]
+    out = request.getfixturevalue(fixture)
+    out = out[0] if isinstance(out, tuple) else out
+    logged = losses(out, steps)
+    assert sorted(logged) == list(range(1, steps + 1))
+    for step, entry in logged.items():
         assert entry["lm_loss"] == pytest.approx(entry["loss"], rel=1e-5), step
         assert entry["perplexity"] == pytest.approx(torch.tensor(entry["loss"]).exp().item(), rel=1e-3), step
+
+
+def test_policy_loss_is_on_the_scale_of_the_loss(tmp_path):
+    """Reinforce gating with accumulation: `loss = lm_loss + policy_loss_coef * policy_loss` per micro-batch, each
+    part divided by the step's tokens, so the logged parts must add up to the logged `loss` (before the fix both
+    read half their value at two accumulation steps)."""
+    model = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+             "gating_mode": "reinforce", "n_policies": 2, "policy_loss_coef": 0.5}
+    out = tmp_path / "out"
+    train([*map(str, SHORT_RUN), "--output_dir", str(out), "--model_config_overrides", json.dumps(model)])
+    logged = losses(out, SHORT)
+    assert sorted(logged) == list(range(1, SHORT + 1))
+    for step, entry in logged.items():
+        assert abs(entry["policy_loss"]) > 1e-3, step  # a part that matters to the sum
+        assert entry["lm_loss"] + 0.5 * entry["policy_loss"] == pytest.approx(entry["loss"], rel=1e-5), step
 
 
 @pytest.mark.parametrize("config, extra, message", [

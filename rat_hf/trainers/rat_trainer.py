@@ -3,8 +3,9 @@
 Everything about training — schedules, clipping, accumulation, mixed precision, checkpoint rotation, early stopping,
 `auto_find_batch_size`, TensorBoard/trackio, tqdm, multi-GPU through accelerate — is `Trainer`'s. This adds:
 
-- next to `loss`: `lm_loss`, `policy_loss` (reinforce gating), `perplexity`, `tokens_per_second` and the gating
-  summary, averaged over layers: `gate/entropy` (mean selector entropy, nats), `gate/usage_max` (the largest mean
+- next to `loss`: `lm_loss`, `policy_loss` (reinforce gating; both on `loss`'s scale whatever the processes and
+  accumulation steps: `loss = lm_loss + policy_loss_coef * policy_loss`), `perplexity`, `tokens_per_second` and the
+  gating summary, averaged over layers: `gate/entropy` (mean selector entropy, nats), `gate/usage_max` (the largest mean
   probability of any policy in any layer: near 1 means the selector collapsed onto one policy), `gate/deviation`
   (mean |g - 1| of the gates applied: 0 means every head passes unchanged, i.e. gating does nothing) and
   `gate/disagreement` (mean total-variation distance between two policies' head distributions, in [0, 1]: 0 means
@@ -59,7 +60,7 @@ class RatTrainer(Trainer):
             _ddp_logger.info("RatTrainer: %s", chosen)
         super().__init__(*args, **kwargs)
         self._rat_sums: dict[str, float] = defaultdict(float)
-        self._rat_counts: dict[str, int] = defaultdict(int)
+        self._rat_counts: dict[str, float] = defaultdict(float)
         self._tokens_since_log = 0
         self._last_log_time = time.perf_counter()
         for callback in self.callback_handler.callbacks:  # the console shows a summary; integrations get everything
@@ -72,18 +73,43 @@ class RatTrainer(Trainer):
             inputs = {**inputs, "gates_off": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            self._collect(outputs, inputs)
+            self._collect(outputs, inputs, loss, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
+    def _loss_part_scale(self, part: torch.Tensor, loss: torch.Tensor, num_items_in_batch) -> tuple[float, float]:
+        """(scale, weight) making a loss part of the model's output (`lm_loss`, `policy_loss`) comparable to the
+        logged `loss`, accumulated as `Trainer` accumulates that: the logged value is `sum(scale * part) /
+        sum(weight)` over the collected micro-batches, the weights adding up to one per optimizer step.
+
+        Given `num_items_in_batch`, the model divides a micro-batch's summed token losses by the tokens of the whole
+        optimizer step (all its micro-batches; all processes with `average_tokens_across_devices`), and `Trainer`
+        multiplies its `loss` by the number of processes, in place, then sums a step's micro-batches. A part gets the
+        same: times the processes unless it *is* (shares storage with) the tensor `Trainer` scaled — the model
+        returns `lm_loss` as `loss`, and DDP clones its outputs only on synchronising micro-batches, so this varies
+        from call to call — and a step's micro-batches summed. Without `num_items_in_batch` a part is a
+        per-micro-batch mean, and is averaged (as `Trainer` divides such a loss by the accumulation steps)."""
+        accumulation = max(int(getattr(self, "current_gradient_accumulation_steps", None)
+                               or self.args.gradient_accumulation_steps), 1)
+        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+            return 1.0 / accumulation, 1.0 / accumulation
+        scale = 1.0
+        if self.args.average_tokens_across_devices:
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1  # Trainer's own divisor
+            processes = self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu
+            scaled_in_place = part.untyped_storage().data_ptr() == loss.untyped_storage().data_ptr()
+            scale = 1.0 if scaled_in_place else float(processes)
+        return scale, 1.0 / accumulation
+
     @torch.no_grad()
-    def _collect(self, outputs, inputs) -> None:
+    def _collect(self, outputs, inputs, loss: torch.Tensor, num_items_in_batch=None) -> None:
         mask = inputs.get("attention_mask")
         self._tokens_since_log += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        values = {}
+        values, weights = {}, {}
         for name in ("lm_loss", "policy_loss"):
             value = getattr(outputs, name, None) if not isinstance(outputs, dict) else outputs.get(name)
             if value is not None:
-                values[name] = value.detach().float().mean().item()
+                scale, weights[name] = self._loss_part_scale(value, loss, num_items_in_batch)
+                values[name] = value.detach().float().mean().item() * scale
         entropy = getattr(outputs, "gate_entropy", None)
         if entropy is not None:
             values["gate/entropy"] = entropy.float().mean().item()
@@ -101,9 +127,9 @@ class RatTrainer(Trainer):
                 values[key] = sum(per_layer) / len(per_layer)
                 for i, v in enumerate(per_layer):
                     values[f"{key}/layer_{i}"] = v
-        for key, value in values.items():
+        for key, value in values.items():  # gate statistics: one per micro-batch; loss parts: weighed as above
             self._rat_sums[key] += value
-            self._rat_counts[key] += 1
+            self._rat_counts[key] += weights.get(key, 1.0)
 
     # -- reporting --------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
