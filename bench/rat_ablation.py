@@ -299,6 +299,7 @@ class RLMTask:
         }
         self.sampler = DeviceSampler(self.rlm, device)
         self.vocab, self.max_pos, self.batch = a.rlm_vocab, self.rlm.seq_len, a.rlm_batch
+        self.max_steps = None  # fresh data: no epochs to cap
 
     def batches(self, seed: int, steps: int):
         """The seed's stream: `steps` fresh batches, drawn up front (outside the clock), the same for every variant."""
@@ -344,6 +345,9 @@ class TextTask:
         if len(self.eval_blocks) == 0:
             raise ValueError(f"--text_max_docs {a.text_max_docs}: no held-out block of {a.text_seq} tokens")
         self.vocab, self.max_pos, self.batch = len(tok), a.text_seq, a.text_batch
+        # a few epochs at most: past that a model of this size overfits the ~0.5M training tokens, and the
+        # comparison would be about memorising
+        self.max_steps = max(1, int(a.text_epochs * len(self.train_blocks) / self.batch))
         self.meta = {"documents": len(texts), "train_documents": len(train_docs), "eval_documents": len(eval_docs),
                      "vocab_size": self.vocab, "seq_len": a.text_seq, "train_tokens": self.train_blocks.numel(),
                      "eval_tokens": self.eval_blocks.numel(), "python": sys.version.split()[0],
@@ -567,6 +571,7 @@ def parse_args(argv=None):
     p.add_argument("--text_max_docs", type=int, default=None)
     p.add_argument("--bpe_vocab", type=int, default=4096)
     p.add_argument("--text_tokens", type=int, default=0, help="training tokens per run; 0: from --text_seconds")
+    p.add_argument("--text_epochs", type=float, default=2.0, help="at most this many epochs when planned by time")
     p.add_argument("--text_seconds", type=float, default=80.0, help="training time for all text runs")
     # planning
     p.add_argument("--min_steps", type=int, default=50)
@@ -581,7 +586,7 @@ def parse_args(argv=None):
         a.hidden, a.layers, a.heads, a.intermediate, a.policies = 32, 2, 2, 64, 3
         a.rlm_vocab, a.rlm_depth, a.rlm_beta, a.rlm_batch, a.test_sequences, a.seeds = 8, 4, 2.5, 16, 64, 2
         a.text_max_docs, a.bpe_vocab, a.text_seq, a.text_batch = 300, 300, 32, 8
-        a.min_steps = a.max_steps = 12  # the probe and planner run; the step count is fixed
+        a.min_steps = a.max_steps = 8  # the probe and planner run; the step count is fixed
         a.lr, a.eval_points, a.probe_warmup, a.probe_steps, a.eval_batch = 1e-2, 3, 1, 1, 64
     unknown = sorted(set(a.variants.split(",")) - set(VARIANTS))
     if unknown:
@@ -626,20 +631,28 @@ def main(argv=None) -> dict:
         record["meta"][name] = task.meta
         print(f"[{name}] {json.dumps(task.meta)}", flush=True)
         probed.append((task, probe(task, variants, a, a.device)))
-    # the training seconds asked for, shrunk to what the budget has left after the set-up (10 s for the end)
+    # the training seconds asked for, shrunk to what the budget has left after the set-up (10 s for the end); a task
+    # that needs less (the text runs stop at --text_epochs) hands the rest to the random language
     asked = {"rlm": a.rlm_seconds, "text": a.text_seconds}
     left = a.time_budget_s - (time.perf_counter() - t_start) - 10.0
     scale = min(1.0, max(0.0, left) / sum(asked[t.name] for t, _ in probed))
-    tasks = []
-    for task, step_s in probed:
+    seconds = {t.name: scale * asked[t.name] for t, _ in probed}
+    plans = {}
+    for task, step_s in sorted(probed, key=lambda p: p[0].name != "text"):  # text first: its leftover goes on
         seeds = a.seeds if task.name == "rlm" else a.text_seeds
-        steps = plan_steps(step_s, scale * asked[task.name], seeds, task.batch * task.max_pos,
+        steps = plan_steps(step_s, seconds[task.name], seeds, task.batch * task.max_pos,
                            a.rlm_tokens if task.name == "rlm" else a.text_tokens, a.min_steps, a.max_steps)
-        record["plan"][task.name] = {"probe_step_s": step_s, "seconds": round(scale * asked[task.name], 1),
+        if task.max_steps is not None and steps > task.max_steps and a.text_tokens <= 0:
+            steps = max(a.min_steps, task.max_steps)
+            unused = seconds[task.name] - 1.2 * seeds * steps * sum(step_s.values())
+            seconds[task.name] -= unused
+            seconds["rlm"] = seconds.get("rlm", 0.0) + unused
+        plans[task.name] = (task, seeds, steps, step_s)
+        record["plan"][task.name] = {"probe_step_s": step_s, "seconds": round(seconds[task.name], 1),
                                      "steps": steps, "seeds": seeds, "tokens_per_run": steps * task.batch * task.max_pos}
         print(f"[{task.name}] probe s/step {json.dumps({k: round(v, 4) for k, v in step_s.items()})} -> {steps} steps "
               f"x {task.batch * task.max_pos} tokens per run", flush=True)
-        tasks.append((task, seeds, steps, step_s))
+    tasks = [plans[t.name] for t, _ in probed]  # run in the order asked
 
     for task, seeds, steps, step_s in tasks:
         for seed in range(seeds):
