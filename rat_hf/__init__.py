@@ -7,7 +7,7 @@ Heavy optional dependencies (trl, datasets) are imported only by the modules tha
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .models.rat import PRESETS, RatConfig, RatForCausalLM, RatForSequenceClassification, RatModel, RatPreTrainedModel
-from .models.rxt import RxTConfig, RxTForCausalLM, RxTModel, RxTPreTrainedModel
+from .models.rxt import RxTConfig, RxTForCausalLM, RxTForMaskedLM, RxTForPreTraining, RxTModel, RxTPreTrainedModel
 from ._peft import register_peft_defaults
 from .reactive import ReactiveSession
 
@@ -45,6 +45,8 @@ __all__ = [
     "ReactiveSession",
     "RxTConfig",
     "RxTForCausalLM",
+    "RxTForMaskedLM",
+    "RxTForPreTraining",
     "RxTModel",
     "RxTPreTrainedModel",
 ]

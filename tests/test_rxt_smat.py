@@ -240,6 +240,47 @@ def test_saves_the_rxt_and_resumes_exactly(tmp_path, tokenizer):
         assert torch.equal(a, b), name
 
 
+def test_group_by_length_batches_episodes_of_one_turn_count(tmp_path, tokenizer):
+    """`train_sampling_strategy="group_by_length"`: the trainer adds the turns-per-episode column, and a batch's K (the
+    longest episode, what a step pays for) is every member's, instead of each batch padding to the longest distance."""
+    data = color_recall(64, [0, 4], seed=3)  # episodes of 2 and 6 turns, mixed
+    grouped = RxTSMATTrainer(new_model(tokenizer), arguments(tmp_path / "g", train_sampling_strategy="group_by_length",
+                                                             per_device_train_batch_size=4),
+                             train_dataset=data, processing_class=tokenizer)
+    assert grouped.train_dataset["length"] == [len(t) for t in grouped.train_dataset["turn_input_ids"]]
+    turns_per_row = [b["attention_mask"].any(-1).sum(-1).tolist() for b in grouped.get_train_dataloader()]
+    assert sorted(n for rows in turns_per_row for n in rows) == sorted(grouped.train_dataset["length"])
+    # Trainer's sampler sorts within 4 mega-batches of 16 episodes: of 16 batches, at most one per mega-batch mixes
+    assert len(turns_per_row) == 16 and sum(len(set(rows)) > 1 for rows in turns_per_row) <= 4
+    mixed = RxTSMATTrainer(new_model(tokenizer), arguments(tmp_path / "m", per_device_train_batch_size=4),
+                           train_dataset=data, processing_class=tokenizer)
+    assert "length" not in mixed.train_dataset.column_names
+    paid = {name: sum(b["input_ids"].shape[1] for b in t.get_train_dataloader())  # turns run, padding included
+            for name, t in (("grouped", grouped), ("mixed", mixed))}
+    assert paid["grouped"] < paid["mixed"] - 10, paid
+
+
+def test_max_train_seconds_stops_training_and_the_steps_are_saved(tmp_path, tokenizer):
+    import time
+
+    from transformers import TrainerCallback
+
+    class Slow(TrainerCallback):  # every step takes >= 0.3 s, so a 0.5 s limit ends training after step 2
+        def on_step_end(self, args, state, control, **kwargs):
+            time.sleep(0.3)
+
+    with pytest.raises(ValueError, match="max_train_seconds"):
+        arguments(tmp_path, max_train_seconds=0)
+    trainer = RxTSMATTrainer(new_model(tokenizer), arguments(tmp_path, max_steps=50, max_train_seconds=0.5),
+                             train_dataset=color_recall(64, [1], seed=0), processing_class=tokenizer,
+                             callbacks=[Slow()])
+    trainer.train()
+    assert trainer.state.global_step == 2
+    trainer.save_model(str(tmp_path / "final"))
+    saved = json.loads((tmp_path / "final" / "trainer_state.json").read_text())
+    assert saved["global_step"] == 2 and any("loss" in h for h in saved["log_history"])
+
+
 def test_trains_a_lora_adapter_on_every_part_and_resumes_it(tmp_path, tokenizer):
     """PEFT's default LoRA targets for `rxt` reach the encoder and the memory attention too; every adapter weight
     trains, and a checkpoint (the adapter) resumes into a fresh PEFT model."""

@@ -7,6 +7,10 @@ everything earlier. Records are `{"query", "answer"}` (single turn) or `{"query"
 `memory_recall_dataset(n, distance, seed)`: turn 0 states a fact, `distance` distractor turns follow (arithmetic and
 facts about *other* entities), then a question whose exact answer is the fact's value. A model without memory can
 do no better than guessing among the values; the `distance` knob sets how long the memory must hold it.
+
+`mrl_recall_dataset(n, max_turns, strategy)`: the same facts laid out as memory-reinforcement-learning episodes
+(`cumulative`: every turn asks for the previous turn's fact and states a new one; `long_range`: a fact, distractors,
+the question), as `rat_hf.trainers.RxTMRLTrainer` reads them.
 """
 
 import json
@@ -132,4 +136,50 @@ def memory_recall_dataset(n: int, distance: int, seed: int = 0):
         rows.append({"query": f"Please remember this: {name}'s {attribute} is {value}.",
                      "answer": "Got it, I will remember.", "interactions": follow, "fact": value,
                      "distance": distance})
+    return Dataset.from_list(rows)
+
+
+MRL_STRATEGIES = ("cumulative", "long_range")  # how an MRL episode is built (rat_hf.trainers.rxt_mrl_trainer)
+
+
+def mrl_recall_dataset(n: int, max_turns: int, strategy: str = "cumulative", seed: int = 0, attributes=None):
+    """`n` synthetic recall conversations of `max_turns` turns for a strategy (a `datasets.Dataset`).
+
+    cumulative: turn 0 states a fact; turn k asks for the fact of turn k-1 (the answer is its value) and states a new
+    one. long_range: a fact, `max_turns - 2` distractors (arithmetic, facts about others), the question about the fact.
+    `attributes`: the fact kinds to draw from (default all of `rat_hf.data.interactions`: favorite color, home city,
+    pet's name, locker code, lucky number). Columns: query, answer, interactions, strategy.
+    """
+    from datasets import Dataset
+
+    if strategy not in MRL_STRATEGIES:
+        raise ValueError(f"mrl_recall_dataset: strategy must be one of {MRL_STRATEGIES}, got {strategy!r}")
+    if not isinstance(max_turns, int) or max_turns < 2:
+        raise ValueError(f"mrl_recall_dataset: max_turns must be an integer >= 2, got {max_turns!r}")
+    attributes = list(attributes or _ATTRIBUTES)
+    unknown = sorted(set(attributes) - set(_ATTRIBUTES))
+    if unknown:
+        raise ValueError(f"mrl_recall_dataset: unknown attributes {unknown}; known: {_ATTRIBUTES}")
+    rng = random.Random(seed)
+
+    def fact():
+        name, attribute = rng.choice(_NAMES), rng.choice(attributes)
+        return name, attribute, _VALUES[attribute](rng)
+
+    rows = []
+    for _ in range(n):
+        name, attribute, value = fact()
+        first = {"query": f"Please remember this: {name}'s {attribute} is {value}.",
+                 "answer": "Got it, I will remember."}
+        follow = []
+        if strategy == "cumulative":
+            for _k in range(1, max_turns):
+                new = fact()
+                follow.append({"query": f"What is {name}'s {attribute}? Also remember: {new[0]}'s {new[1]} is "
+                                        f"{new[2]}.", "answer": value})
+                name, attribute, value = new
+        else:
+            follow = [_distractor(rng, avoid=name) for _ in range(max_turns - 2)]
+            follow.append({"query": f"What is {name}'s {attribute}?", "answer": value})
+        rows.append({**first, "interactions": follow, "strategy": strategy})
     return Dataset.from_list(rows)

@@ -9,10 +9,10 @@ follow TRL's `GRPOConfig` where the meaning is the same (`num_generations`, `bet
 import warnings
 from dataclasses import dataclass, field
 
+from ..data.interactions import MRL_STRATEGIES as STRATEGIES
 from .rxt_smat_config import RxTEpisodeArguments
 
 ADVANTAGE_ESTIMATORS = ("group", "critic")
-STRATEGIES = ("cumulative", "long_range")
 DRIFT_TARGETS = ("reference", "previous")
 MEMORY_ANSWERS = ("reference", "best")
 KL_ESTIMATORS = ("k1", "k2", "k3")

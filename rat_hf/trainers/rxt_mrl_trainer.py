@@ -40,14 +40,13 @@ starting model (`ref_model`), reading its own memory of the same interactions; t
 from __future__ import annotations
 
 import copy
-import random
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.interactions import interaction_text
+from ..data.interactions import interaction_text, mrl_recall_dataset
 from ..rewards.mrl import EmbeddingCosineReward, bleu_reward, exact_match_reward, length_ratio_reward
 from ..tokenization.special_tokens import reactive_token_ids
 from ._rxt_common import record_turns
@@ -65,51 +64,6 @@ from .rxt_mrl_config import STRATEGIES, RxTMRLConfig
 from .rxt_smat_trainer import RxTEpisodeModule, RxTEpisodeTrainer, causal_lm
 
 # --- data ------------------------------------------------------------------------------------------------------------
-
-
-def mrl_recall_dataset(n: int, max_turns: int, strategy: str = "cumulative", seed: int = 0, attributes=None):
-    """`n` synthetic recall conversations of `max_turns` turns for a strategy (a `datasets.Dataset`).
-
-    cumulative: turn 0 states a fact; turn k asks for the fact of turn k-1 (the answer is its value) and states a new
-    one. long_range: a fact, `max_turns - 2` distractors (arithmetic, facts about others), the question about the fact.
-    `attributes`: the fact kinds to draw from (default all of `rat_hf.data.interactions`: favorite color, home city,
-    pet's name, locker code, lucky number). Columns: query, answer, interactions, strategy.
-    """
-    from datasets import Dataset
-
-    from ..data.interactions import _ATTRIBUTES, _NAMES, _VALUES, _distractor
-
-    if strategy not in STRATEGIES:
-        raise ValueError(f"mrl_recall_dataset: strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not isinstance(max_turns, int) or max_turns < 2:
-        raise ValueError(f"mrl_recall_dataset: max_turns must be an integer >= 2, got {max_turns!r}")
-    attributes = list(attributes or _ATTRIBUTES)
-    unknown = sorted(set(attributes) - set(_ATTRIBUTES))
-    if unknown:
-        raise ValueError(f"mrl_recall_dataset: unknown attributes {unknown}; known: {_ATTRIBUTES}")
-    rng = random.Random(seed)
-
-    def fact():
-        name, attribute = rng.choice(_NAMES), rng.choice(attributes)
-        return name, attribute, _VALUES[attribute](rng)
-
-    rows = []
-    for _ in range(n):
-        name, attribute, value = fact()
-        first = {"query": f"Please remember this: {name}'s {attribute} is {value}.",
-                 "answer": "Got it, I will remember."}
-        follow = []
-        if strategy == "cumulative":
-            for _k in range(1, max_turns):
-                new = fact()
-                follow.append({"query": f"What is {name}'s {attribute}? Also remember: {new[0]}'s {new[1]} is "
-                                        f"{new[2]}.", "answer": value})
-                name, attribute, value = new
-        else:
-            follow = [_distractor(rng, avoid=name) for _ in range(max_turns - 2)]
-            follow.append({"query": f"What is {name}'s {attribute}?", "answer": value})
-        rows.append({**first, "interactions": follow, "strategy": strategy})
-    return Dataset.from_list(rows)
 
 
 def episode_plan(num_row_turns: int, num_turns: int, strategy: str) -> tuple[list[int], list[int | None]]:

@@ -41,6 +41,11 @@ class RxTEpisodeArguments(TrainingArguments):
                           "'{\"decoder\": 200, \"embeddings\": null}' trains the memory parts first and the decoder "
                           "from step 200"})
     unfreeze_unit: str = field(default="step", metadata={"help": "unit of unfreeze_schedule: step or epoch"})
+    max_train_seconds: float | None = field(
+        default=None,
+        metadata={"help": "stop training after the optimizer step that crosses this many seconds of training (then "
+                          "save and evaluate as usual; the step count reached is in trainer_state.json). For a run "
+                          "that must fit a time slot; None: max_steps / num_train_epochs alone"})
     # Trainer's defaults that do not fit episode data: the collators read columns `Trainer` does not know.
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "keep False: the episode collators read the dataset's own columns"})
@@ -53,6 +58,9 @@ class RxTEpisodeArguments(TrainingArguments):
         if self.bptt_turns is not None and (not isinstance(self.bptt_turns, int) or self.bptt_turns < 1):
             raise ValueError(f"bptt_turns must be a positive integer or None, got {self.bptt_turns!r} (0 would train "
                              "the decoder alone: a memory-aware stage must not fall back to stateless training)")
+        if self.max_train_seconds is not None and not (isinstance(self.max_train_seconds, (int, float))
+                                                       and self.max_train_seconds > 0):
+            raise ValueError(f"max_train_seconds must be a positive number or None, got {self.max_train_seconds!r}")
         if self.unfreeze_unit not in UNFREEZE_UNITS:
             raise ValueError(f"unfreeze_unit must be one of {UNFREEZE_UNITS}, got {self.unfreeze_unit!r}")
         self.unfreeze_schedule = parse_unfreeze_schedule(self.unfreeze_schedule)

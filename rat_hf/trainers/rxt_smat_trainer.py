@@ -21,6 +21,10 @@ itself (`from_pretrained`-loadable), and resuming reads it back. Data: records `
 `tokenize_interaction` (labels on the answer and EOS only; padding is never a target), or already tokenized
 `turn_input_ids`/`turn_labels` columns.
 
+Episodes of mixed lengths: `train_sampling_strategy="group_by_length"` batches episodes with similar turn counts
+together (the trainer adds the `length_column_name` column: turns per episode), so a batch of two-turn episodes does
+not pay for the ten-turn ones of another distance.
+
 Gradual unfreezing (`unfreeze_schedule`): a component that is not yet trained keeps its weights exactly (its gradients
 are dropped after every backward, so neither the optimizer's update nor its weight decay touches it, and gradient
 clipping does not count it); `requires_grad` is not toggled because DDP fixes the set of synchronised parameters when
@@ -31,12 +35,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..data.interactions import interaction_text, tokenize_interaction
 from ._ddp import configure_ddp_for_unused_parameters
@@ -189,6 +194,29 @@ class RxTSMATModule(RxTEpisodeModule):
 
 
 # --- trainers --------------------------------------------------------------------------------------------------------
+class _TimeLimit(TrainerCallback):
+    """Stops training after the optimizer step that crosses `args.max_train_seconds` (measured from `on_train_begin`).
+    Every process takes the same decision (the slowest clock wins), so no rank waits in a collective alone."""
+
+    def __init__(self):
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = time.perf_counter() - self.start
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            clock = torch.tensor([elapsed], device=args.device)
+            torch.distributed.all_reduce(clock, op=torch.distributed.ReduceOp.MAX)
+            elapsed = float(clock)
+        if elapsed >= args.max_train_seconds and not control.should_training_stop:
+            logger.warning("max_train_seconds=%s reached after %d optimizer steps (%.0f s): training stops",
+                           args.max_train_seconds, state.global_step, elapsed)
+            control.should_training_stop = True
+        return control
+
+
 class RxTEpisodeTrainer(Trainer):
     """`Trainer` over an `RxTEpisodeModule`: saving/resuming the RxT itself, gradual unfreezing, metric logging.
 
@@ -221,6 +249,8 @@ class RxTEpisodeTrainer(Trainer):
         named = dict(causal_lm(self.model.policy).named_parameters())  # tied weights once (the embedding)
         self._component_params = {c: [p for n, p in named.items() if component_of(n) == c] for c in COMPONENTS}
         self._gradients_checked = False
+        if args.max_train_seconds is not None:
+            self.add_callback(_TimeLimit())
 
     def _build_module(self, model, args) -> RxTEpisodeModule:
         raise NotImplementedError
@@ -313,6 +343,8 @@ class RxTEpisodeTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        # steps reached and the logged curves, also next to a final model (a checkpoint gets Trainer's own copy)
+        self.state.save_to_json(os.path.join(output_dir, "trainer_state.json"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         check_checkpoint(resume_from_checkpoint, world_size=self.args.world_size, process_index=self.args.process_index)
@@ -373,6 +405,18 @@ class RxTSMATTrainer(RxTEpisodeTrainer):
 
     @staticmethod
     def _tokenized(dataset, tokenizer, args, what: str):
+        dataset = RxTSMATTrainer._tokenized_turns(dataset, tokenizer, args, what)
+        column = args.length_column_name
+        if (dataset is not None and args.train_sampling_strategy == "group_by_length"
+                and column not in dataset.column_names):
+            # An episode costs one decoder pass and one memory update per turn: grouping episodes by their number of
+            # turns keeps a batch's K (the longest episode) close to each member's, instead of padding every batch to
+            # the longest distance of a mixed curriculum.
+            dataset = dataset.map(lambda r: {column: len(r["turn_input_ids"])}, desc=f"{what}: turns per episode")
+        return dataset
+
+    @staticmethod
+    def _tokenized_turns(dataset, tokenizer, args, what: str):
         if dataset is None or "turn_input_ids" in dataset.column_names:
             return dataset
         if tokenizer is None:
