@@ -1,7 +1,9 @@
 """RAT vs a stock `LlamaForCausalLM` of the same width, depth, heads, SwiGLU width and vocabulary, side by side.
 
 Measures, in one process on one GPU, bf16 weights, sdpa attention:
-  train  — training tokens/s, MFU and peak memory at T=1024, B=16, eager and `torch.compile`;
+  train  — training tokens/s, MFU and peak memory at T=1024, B=16, eager and `torch.compile`; with `--modes ...,liger`
+           also Llama with Liger's kernels (`apply_liger_kernel_to_llama`: RMSNorm, RoPE, SwiGLU, fused linear
+           cross-entropy; eager, as Liger is used) where `liger-kernel` is installed;
   decode — `generate` tokens/s at batch 1 and 32 with the default dynamic cache, and with a static cache (which
            `generate` compiles on CUDA).
 
@@ -48,7 +50,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_row(kind: str, compiled: bool, a) -> dict:
+def train_row(kind: str, compiled: bool, a, liger: bool = False) -> dict:
+    if liger:  # patches transformers' Llama classes in place: run after every plain Llama row
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+            apply_liger_kernel_to_llama()
+        except Exception as e:  # not installed, or not compatible with this transformers: say so in the row
+            return dict(model=kind, mode="liger", error=f"{type(e).__name__}: {e}"[:300])
     model = build(kind, a).train()
     n_params = model.num_parameters()
     step_fn = torch.compile(model) if compiled else model
@@ -76,7 +84,7 @@ def train_row(kind: str, compiled: bool, a) -> dict:
     seconds = time.perf_counter() - start
     tok_s = a.steps * a.batch * a.seq / seconds
     flops_per_token = 6 * n_params + 12 * a.layers * a.hidden * a.seq
-    row = dict(model=kind, mode="compile" if compiled else "eager", params=n_params, tokens_per_s=round(tok_s),
+    row = dict(model=kind, mode="liger" if liger else "compile" if compiled else "eager", params=n_params, tokens_per_s=round(tok_s),
                mfu=round(tok_s * flops_per_token / PEAK_BF16_FLOPS, 4), final_loss=round(loss.item(), 3),
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if a.device.startswith("cuda") else None)
     del model, step_fn, opt
@@ -140,8 +148,8 @@ def main():
     models = a.models.split(",")
     if a.part == "train":
         for mode in a.modes.split(","):
-            for kind in models:
-                rows.append(train_row(kind, mode == "compile", a))
+            for kind in (["llama"] if mode == "liger" else models):
+                rows.append(train_row(kind, mode == "compile", a, liger=mode == "liger"))
                 print(json.dumps(rows[-1]), flush=True)
     else:
         for cache in ("dynamic", "static"):
@@ -157,7 +165,13 @@ def main():
     for r in rows:
         print("  ".join(f"{k}={r[k]}" for k in r))
     # side-by-side ratios, RAT / Llama, for each setting
+    liger = next((x for x in rows if x.get("mode") == "liger" and "tokens_per_s" in x), None)
     for r in rows:
+        if r["model"] == "rat" and liger is not None:
+            r["tok_s_ratio_vs_llama_liger"] = round(r["tokens_per_s"] / liger["tokens_per_s"], 3)
+            r["mem_ratio_vs_llama_liger"] = round(r["peak_mem_gib"] / liger["peak_mem_gib"], 3)
+            print(f"RAT {r['mode']} / Llama+Liger: tok/s x{r['tok_s_ratio_vs_llama_liger']}, "
+                  f"memory x{r['mem_ratio_vs_llama_liger']}")
         if r["model"] == "rat":
             base = next(x for x in rows if x["model"] == "llama" and x[key] == r[key] and x.get("batch") == r.get("batch"))
             r["tok_s_ratio_vs_llama"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)

@@ -20,6 +20,7 @@ CONFIGS = {
     "reinforce": dict(TINY, gating_mode="reinforce", n_policies=3, conv_kernel_size=4),
     "nope-untied": dict(TINY, use_rope=False, tie_word_embeddings=False),
     "query-gates-gqa": dict(TINY, head_gate_target="query", num_key_value_heads=2),  # the seed's gate form
+    "no-conv-no-gates": dict(TINY, use_temporal_conv=False, gating_mode="none"),  # the ablation's switches
 }
 
 

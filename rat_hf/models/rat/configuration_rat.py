@@ -124,7 +124,8 @@ class RatConfig(PreTrainedConfig):
             `hidden_size // 2` nets cost ~2·d² parameters per layer, more than the attention's output projection; at d/8
             the gating is ~2% of a layer's FLOPs, which is what "small policy nets" should cost.
         gating_mode: `"soft"` mixes the policies with the selector's weights, trained by backprop; `"reinforce"` samples
-            one policy per token and layer while training and trains the selector with REINFORCE (expectation in eval).
+            one policy per token and layer while training and trains the selector with REINFORCE (expectation in eval);
+            `"none"` builds no gates at all (plain multi-head attention: the ablation's "no gates" model).
         policy_loss_coef: weight of the REINFORCE loss added to the LM loss.
         entropy_coef: weight of the selector-entropy bonus inside the REINFORCE loss. The entropy is that of a token's
             whole gating decision (one policy per layer), i.e. summed over layers like the sampled log-probs are.
@@ -135,6 +136,8 @@ class RatConfig(PreTrainedConfig):
         head_gate_target: where the per-head gates act. `"output"` (default) scales each head's attention output;
             `"query"` scales each head's query per token, i.e. multiplies that head's pre-softmax scores: a per-token,
             per-head temperature (the seed's form). Both keep every attention backend and the KV cache.
+        use_temporal_conv: build each block's temporal-convolution branch (`False`: attention + MLP only, the ablation's
+            "no conv" model; the cache then keeps no convolution state worth reading).
         conv_kernel_size: width of the causal depthwise temporal convolution (>= 2; the seed used 3).
         conv_bias: bias in the depthwise convolution.
         hidden_dropout: dropout on every residual branch.
@@ -174,6 +177,7 @@ class RatConfig(PreTrainedConfig):
         entropy_coef: float = 0.01,
         policy_discount: float = 1.0,
         head_gate_target: str = "output",
+        use_temporal_conv: bool = True,
         conv_kernel_size: int = 3,
         conv_bias: bool = True,
         hidden_act: str = "silu",
@@ -249,6 +253,7 @@ class RatConfig(PreTrainedConfig):
         self.entropy_coef = entropy_coef
         self.policy_discount = policy_discount
         self.head_gate_target = head_gate_target
+        self.use_temporal_conv = use_temporal_conv
         self.conv_kernel_size = conv_kernel_size
         self.conv_bias = conv_bias
         self.hidden_act = hidden_act
@@ -262,8 +267,10 @@ class RatConfig(PreTrainedConfig):
         self.use_gradient_checkpointing = explicit["use_gradient_checkpointing"]
         # Every layer keeps attention KV *and* a convolution state: one "hybrid" cache layer each, so `generate()`
         # builds the right `DynamicCache` from the config.
+        # Without the conv branch there is no conv state: plain attention layers (croppable, for assisted decoding).
+        cache_layer = "hybrid" if use_temporal_conv is not False else "full_attention"
         self.layer_types = list(layer_types) if isinstance(layer_types, (list, tuple)) else (
-            ["hybrid"] * num_hidden_layers if layer_types is None else layer_types)
+            [cache_layer] * num_hidden_layers if layer_types is None else layer_types)
         self._validate(head_dim_given=head_dim is not None, tie_word_embeddings=explicit["tie_word_embeddings"],
                        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
         super().__init__(
@@ -286,7 +293,8 @@ class RatConfig(PreTrainedConfig):
                       "num_key_value_heads", "head_dim", "max_position_embeddings", "n_policies", "policy_hidden_size"):
             value = getattr(self, field)
             need(_is_int(value) and value > 0, field, "must be a positive int")
-        for field in ("use_rope", "conv_bias", "attention_bias", "mlp_bias", "use_cache", "use_gradient_checkpointing"):
+        for field in ("use_rope", "use_temporal_conv", "conv_bias", "attention_bias", "mlp_bias", "use_cache",
+                      "use_gradient_checkpointing"):
             need(isinstance(getattr(self, field), bool), field, "must be True or False")
         need(isinstance(init_only["tie_word_embeddings"], bool), "tie_word_embeddings", "must be True or False")
         for field in ("pad_token_id", "bos_token_id"):
@@ -300,7 +308,7 @@ class RatConfig(PreTrainedConfig):
              f"must be divisible by num_attention_heads ({self.num_attention_heads}) when head_dim is not given")
         need(self.head_dim % 2 == 0 or not self.use_rope, "head_dim", "must be even for rotary embeddings "
              "(odd widths need use_rope=False)")
-        need(self.gating_mode in ("soft", "reinforce"), "gating_mode", "must be 'soft' or 'reinforce'")
+        need(self.gating_mode in ("soft", "reinforce", "none"), "gating_mode", "must be 'soft', 'reinforce' or 'none'")
         need(self.gating_mode == "soft" or self.n_policies >= 2, "n_policies",
              "must be >= 2 with gating_mode='reinforce' (with one policy there is nothing to choose)")
         need(_is_number(self.policy_discount) and 0.0 < self.policy_discount <= 1.0, "policy_discount",
@@ -318,9 +326,11 @@ class RatConfig(PreTrainedConfig):
         for field in ("rms_norm_eps", "initializer_range"):
             value = getattr(self, field)
             need(_is_number(value) and value > 0.0, field, "must be a finite number > 0")
+        cache_layer = "hybrid" if self.use_temporal_conv else "full_attention"
         need(isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers
-             and set(self.layer_types) <= {"hybrid"}, "layer_types",
-             f"must be ['hybrid'] * num_hidden_layers ({self.num_hidden_layers}): every RAT layer has attention and a conv")
+             and set(self.layer_types) <= {cache_layer}, "layer_types",
+             f"must be ['{cache_layer}'] * num_hidden_layers ({self.num_hidden_layers}): every RAT layer has attention"
+             + (" and a conv" if self.use_temporal_conv else " (and no conv: use_temporal_conv=False)"))
         need(not self.use_rope or (isinstance(self.rope_parameters, dict) and "rope_type" in self.rope_parameters),
              "rope_parameters", "must be a dict with a 'rope_type' key")
 

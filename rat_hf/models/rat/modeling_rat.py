@@ -20,6 +20,13 @@ head calls `model.model` + `lm_head`) hands its sampled log-probs to the innermo
 instead, where trainers that know their per-token losses pick them up (`rat_hf.trainers.reinforced_gating`); with no
 such context, a training forward with gradients warns once that the selectors learn nothing from it.
 
+`use_temporal_conv=False` and `gating_mode="none"` remove the conv branch and the gates (the ablation's models).
+
+Speed without changing the checkpoint layout: projections reading the same input (q/k/v with the gate nets' first
+layers; the MLP's gate/up) run as one GEMM when they are plain `nn.Linear`s (`fused_linears`; an adapter or hook
+makes each run its own forward), and the conv branch trains under selective activation checkpointing (only its GEMM
+output is saved). The forward compiles as one graph (`_can_compile_fullgraph`), with a static cache too.
+
 The KV cache and the convolution state live in one `DynamicCache` with `"hybrid"` layers, so `generate()` works with
 every decoding strategy. This file imports only torch, transformers and its configuration: it ships to the Hub as
 remote code.
@@ -27,6 +34,7 @@ remote code.
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -153,9 +162,34 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
-# Copied from transformers.models.llama.modeling_llama.LlamaMLP with Llama->Rat
+def _is_plain_linear(module: nn.Module) -> bool:
+    """A bare `nn.Linear` whose `forward` is exactly `F.linear(x, weight, bias)`: not a PEFT/LoRA or quantised
+    subclass, no forward hooks (DeepSpeed ZeRO-3 gathers parameters in one), no replaced `forward` (accelerate's
+    offload), no parametrization, no sharded (DTensor) weight."""
+    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and "forward" not in module.__dict__ and type(module.weight) is nn.Parameter)
+
+
+def fused_linears(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
+    """`[m(x) for m in linears]`, as ONE GEMM over the concatenated weights when every module is a plain `nn.Linear`.
+
+    Projections that read the same input (q/k/v and the gate nets' first layers; the MLP's gate/up) then cost one
+    launch instead of several when decoding, and in training one input-gradient GEMM instead of several GEMMs plus
+    the adds that sum them. The parameters stay separate modules with Llama's names, so checkpoints, PEFT's
+    `target_modules` and tensor-parallel plans see the usual layout; any wrapped or hooked module (a LoRA adapter, a
+    quantised layer, a ZeRO-3 or offload hook) makes every module run its own forward instead, so nothing is bypassed.
+    """
+    if len(linears) < 2 or not all(_is_plain_linear(m) for m in linears):
+        return [m(x) for m in linears]
+    weight = torch.cat([m.weight for m in linears])  # [sum(out), in]
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+    return list(F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1))
+
+
 class RatMLP(nn.Module):
-    """SwiGLU feed-forward."""
+    """SwiGLU feed-forward (Llama's, with gate_proj and up_proj run as one GEMM by `fused_linears`)."""
 
     def __init__(self, config: RatConfig):
         super().__init__()
@@ -165,7 +199,8 @@ class RatMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_linears(x, (self.gate_proj, self.up_proj))  # [B, T, I] each
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 @dataclass
@@ -209,12 +244,24 @@ class RatPolicyGate(nn.Module):
         enumerate every choice)."""
         return torch.multinomial(probs, 1)
 
-    def forward(self, hidden_states: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor, RatGateOutput]:
-        """Gates `[B, T, H]`; `sample=True` (reinforce training) draws one policy per token instead of the expectation."""
+    def input_projections(self, sample: bool) -> tuple[nn.Linear, ...]:
+        """The Linears that read the block's normed hidden state as it is, so that attention runs them with q/k/v as
+        one GEMM. The reinforce selector reads a detached copy while sampling (below), so it is left out then."""
+        if self.n_policies == 1 or (self.reinforce and sample):
+            return (self.policy_in,)
+        return (self.policy_in, self.selector_in)
+
+    def forward(
+        self, hidden_states: torch.Tensor, sample: bool = False, projected: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, RatGateOutput]:
+        """Gates `[B, T, H]`; `sample=True` (reinforce training) draws one policy per token instead of the expectation.
+
+        `projected`: the outputs of `input_projections(sample)` on `hidden_states` when the caller computed them.
+        """
         batch, seq_len, _ = hidden_states.shape
-        h = F.gelu(self.policy_in(hidden_states))  # [B, T, P*p]
-        # the P second layers as one block-diagonal matmul [P*p, P*H]: one well-shaped GEMM instead of a batched
-        # einsum over tiny matrices (which ran on a slow 16x16 kernel)
+        if projected is None:
+            projected = [m(hidden_states) for m in self.input_projections(sample)]
+        h = F.gelu(projected[0])  # [B, T, P*p]
         logits = h @ torch.block_diag(*self.policy_out_weight) + self.policy_out_bias.flatten()  # [B, T, P*H]
         logits = logits.view(batch, seq_len, self.n_policies, self.num_heads)  # [B, T, P, H]
         gates = torch.softmax(_at_least_float32(logits), dim=-1) * self.num_heads  # [B, T, P, H], mean over heads = 1
@@ -224,8 +271,8 @@ class RatPolicyGate(nn.Module):
 
         # In reinforce mode the selector learns from the REINFORCE loss alone, so it reads a detached hidden state:
         # its loss then moves only the selector (in eval the values are the same either way).
-        selector_input = hidden_states.detach() if self.reinforce and sample else hidden_states
-        selector_logits = _at_least_float32(self.selector_out(F.gelu(self.selector_in(selector_input))))  # [B, T, P]
+        selector_pre = self.selector_in(hidden_states.detach()) if len(projected) == 1 else projected[1]  # [B, T, p]
+        selector_logits = _at_least_float32(self.selector_out(F.gelu(selector_pre)))  # [B, T, P]
         probs = torch.softmax(selector_logits, dim=-1)
         if self.reinforce and sample:
             choice = self.draw_policies(probs.reshape(-1, self.n_policies)).view(batch, seq_len, 1)  # [B, T, 1]
@@ -253,7 +300,7 @@ class RatAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
-        self.gate = RatPolicyGate(config)
+        self.gate = RatPolicyGate(config) if config.gating_mode != "none" else None
         # "query": gate g scales head h's query at token t, so its scores become g * q.k / sqrt(d) (a temperature)
         self.gate_queries = config.head_gate_target == "query"
 
@@ -269,15 +316,19 @@ class RatAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, RatGateOutput]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        if gates_off:  # every gate at 1: plain attention
-            gates, gate_output = None, RatGateOutput(None, None)
+        gated = self.gate is not None and not gates_off  # gates_off: every gate at 1, plain attention
+        gate_inputs = self.gate.input_projections(sample_policies) if gated else ()
+        query, key, value, *gate_projected = fused_linears(
+            hidden_states, (self.q_proj, self.k_proj, self.v_proj, *gate_inputs))  # one GEMM when plain Linears
+        if gated:
+            gates, gate_output = self.gate(hidden_states, sample=sample_policies, projected=gate_projected)  # [B, T, H]
         else:
-            gates, gate_output = self.gate(hidden_states, sample=sample_policies)  # [B, T, H]
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, hd]
+            gates, gate_output = None, RatGateOutput(None, None)
+        query_states = query.view(hidden_shape).transpose(1, 2)  # [B, H, T, hd]
         if gates is not None and self.gate_queries:
             query_states = query_states * gates.transpose(1, 2)[..., None]  # [B, H, T, 1]: commutes with RoPE
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hkv, T, hd]
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = key.view(hidden_shape).transpose(1, 2)  # [B, Hkv, T, hd]
+        value_states = value.view(hidden_shape).transpose(1, 2)
         if position_embeddings is not None:
             cos, sin = position_embeddings
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
@@ -377,14 +428,26 @@ class RatTemporalConv(nn.Module):
         return F.gelu(self.pointwise_proj(x))
 
 
+# The conv branch (norm -> depthwise conv -> GELU -> pointwise -> GELU) saved ~6 [B, T, D] activations per layer for
+# backward when run plainly: RAT's peak training memory was 1.20x Llama's. Under selective activation checkpointing it
+# keeps only the pointwise GEMM's output; the norm, convolution and GELU are elementwise and recomputed in backward.
+_CONV_BRANCH_SAVES = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+_CHECKPOINT_CONV_BRANCH = True  # False runs the branch plainly (the tests compare both)
+
+
+def _save_only_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _CONV_BRANCH_SAVES else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class RatDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: RatConfig, layer_idx: int):
         super().__init__()
         self.self_attn = RatAttention(config, layer_idx)
-        self.temporal_conv = RatTemporalConv(config, layer_idx)
+        self.temporal_conv = RatTemporalConv(config, layer_idx) if config.use_temporal_conv else None
         self.mlp = RatMLP(config)
         self.input_layernorm = RatRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.conv_layernorm = RatRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.conv_layernorm = (RatRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.use_temporal_conv
+                               else None)
         self.post_attention_layernorm = RatRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
@@ -411,10 +474,24 @@ class RatDecoderLayer(GradientCheckpointingLayer):
             sample_policies=sample_policies, gates_off=gates_off, **kwargs,
         )
         hidden_states = hidden_states + self.dropout(attn_out)
-        conv_out = self.temporal_conv(self.conv_layernorm(hidden_states), padding_mask, cache, tap_mask)
-        hidden_states = hidden_states + self.dropout(conv_out)
+        if self.temporal_conv is not None:
+            conv_out = self._conv_branch(hidden_states, padding_mask, cache, tap_mask)
+            hidden_states = hidden_states + self.dropout(conv_out)
         hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
         return hidden_states, gate.selector_probs, gate.sampled_log_prob, gate.gates, gate.policy_gates
+
+
+    def _conv_branch(self, hidden_states, padding_mask, cache, tap_mask) -> torch.Tensor:
+        """norm -> temporal conv `[B, T, D]`; while training with gradients (no cache, and the layer not checkpointed
+        as a whole already) under selective activation checkpointing, which is exact and saves ~6 activations."""
+        def branch(h, padding_mask, tap_mask):
+            return self.temporal_conv(self.conv_layernorm(h), padding_mask, None, tap_mask)
+
+        if (_CHECKPOINT_CONV_BRANCH and self.training and torch.is_grad_enabled() and cache is None
+                and not self.gradient_checkpointing):
+            return checkpoint(branch, hidden_states, padding_mask, tap_mask, use_reentrant=False,
+                              context_fn=functools.partial(create_selective_checkpoint_contexts, _save_only_matmuls))
+        return self.temporal_conv(self.conv_layernorm(hidden_states), padding_mask, cache, tap_mask)
 
 
 # ---- REINFORCE for the sampled gates -------------------------------------------------------------------------------
@@ -586,7 +663,9 @@ class RatPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the hybrid (KV + conv) cache layer is dynamic; static caches compile
+    # one graph with a static cache (generate's compiled path) and in training; a reinforce-mode training forward
+    # breaks it once, where it hands its sampled gates to the trainer (`collect_gate_samples`)
+    _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": RatDecoderLayer, "attentions": RatAttention}
 
     @torch.no_grad()
@@ -693,7 +772,9 @@ class RatModel(RatPreTrainedModel):
         # A cache made here is empty: the masks are built as without one, so packed rows (positions restarting at 0,
         # no attention mask) keep their document boundaries also when `use_cache` is on (Llama loses them there).
         mask_cache = cache
-        if use_cache and cache is None:
+        # no cache of our own in a training forward with gradients: nobody decodes from it, and the conv branch's
+        # activation checkpointing (RatDecoderLayer._conv_branch) needs none
+        if use_cache and cache is None and not (self.training and torch.is_grad_enabled()):
             cache = DynamicCache(config=self.config)
         sample_policies = self.training and self.samples_policies_in_training and not gates_off
         given_position_ids, given_attention_mask = position_ids, attention_mask
@@ -701,7 +782,7 @@ class RatModel(RatPreTrainedModel):
         seq_len = inputs_embeds.shape[1]
         # Positions given by the caller may restart inside a row (packed documents): the convolution restarts there.
         tap_mask = None
-        if position_ids is not None and seq_len > 1:
+        if position_ids is not None and seq_len > 1 and self.config.use_temporal_conv:
             tap_mask = document_tap_mask(position_ids, self.config.conv_kernel_size, inputs_embeds.dtype)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
@@ -709,7 +790,7 @@ class RatModel(RatPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)  # [1, T]
 
         if isinstance(attention_mask, dict):  # prepared by generate() for a compilable (static) cache
-            causal_mask, padding_mask = attention_mask["full_attention"], attention_mask["linear_attention"]
+            causal_mask, padding_mask = attention_mask["full_attention"], attention_mask.get("linear_attention")
         else:
             mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
                            _MASK_CACHE_ARG: mask_cache, "position_ids": position_ids}
