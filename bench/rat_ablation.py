@@ -49,6 +49,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -567,11 +568,11 @@ def parse_args(argv=None):
     # text
     p.add_argument("--text_seeds", type=int, default=1)
     p.add_argument("--text_seq", type=int, default=128)
-    p.add_argument("--text_batch", type=int, default=64)
+    p.add_argument("--text_batch", type=int, default=32)
     p.add_argument("--text_max_docs", type=int, default=None)
     p.add_argument("--bpe_vocab", type=int, default=4096)
     p.add_argument("--text_tokens", type=int, default=0, help="training tokens per run; 0: from --text_seconds")
-    p.add_argument("--text_epochs", type=float, default=2.0, help="at most this many epochs when planned by time")
+    p.add_argument("--text_epochs", type=float, default=3.0, help="at most this many epochs when planned by time")
     p.add_argument("--text_seconds", type=float, default=80.0, help="training time for all text runs")
     # planning
     p.add_argument("--min_steps", type=int, default=50)
@@ -615,7 +616,13 @@ def main(argv=None) -> dict:
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     record = dict(device=device, date=datetime.date.today().isoformat(), command=command, torch=torch.__version__,
                   transformers=__import__("transformers").__version__, args=vars(a), meta={}, plan={}, rows=[],
-                  curves=[], skipped=[])
+                  curves=[], skipped=[], failed=[])
+
+    def fail(task: str, variant: str, seed, err: Exception) -> None:
+        traceback.print_exc()
+        record["failed"].append({"task": task, "variant": variant, "seed": seed, "error": f"{type(err).__name__}: {err}"})
+        if torch.device(a.device).type == "cuda":
+            torch.cuda.empty_cache()
 
     def save():
         record["summary"] = summarise(record["rows"], record["curves"]) if record["rows"] else {}
@@ -630,7 +637,15 @@ def main(argv=None) -> dict:
         task = RLMTask(a, a.device) if name == "rlm" else TextTask(a, a.device)
         record["meta"][name] = task.meta
         print(f"[{name}] {json.dumps(task.meta)}", flush=True)
-        probed.append((task, probe(task, variants, a, a.device)))
+        step_s = {}
+        for v in variants:
+            try:
+                step_s.update(probe(task, [v], a, a.device))
+            except Exception as err:  # the variant is left out of this task's runs; recorded, exit 1
+                fail(name, v, None, err)
+        if not step_s:
+            raise SystemExit(f"[{name}] every variant failed: {record['failed']}")
+        probed.append((task, step_s))
     # the training seconds asked for, shrunk to what the budget has left after the set-up (10 s for the end); a task
     # that needs less (the text runs stop at --text_epochs) hands the rest to the random language
     asked = {"rlm": a.rlm_seconds, "text": a.text_seconds}
@@ -666,8 +681,14 @@ def main(argv=None) -> dict:
                     print(f"[{task.name}] skip {v} seed {seed}: {elapsed:.0f} s + ~{estimate:.0f} s > "
                           f"{a.time_budget_s:.0f} s", flush=True)
                     continue
-                model = build(v, a, task.vocab, task.max_pos, seed, a.device)
-                curve, final = train(model, batch_fn, steps, task.evaluate, a, a.device)
+                if v not in step_s:  # its probe failed (recorded under `failed`)
+                    continue
+                try:
+                    model = build(v, a, task.vocab, task.max_pos, seed, a.device)
+                    curve, final = train(model, batch_fn, steps, task.evaluate, a, a.device)
+                except Exception as err:  # one broken variant must not lose the others' runs: recorded, exit 1
+                    fail(task.name, v, seed, err)
+                    continue
                 row = {"task": task.name, "variant": v, "seed": seed, "params": model.num_parameters(),
                        "steps": steps, "tokens": final["tokens"], "wall_s": final["wall_s"],
                        "tokens_per_s": round(final["tokens"] / final["wall_s"]),
@@ -689,6 +710,10 @@ def main(argv=None) -> dict:
         print(f"wrote {a.out} and {png}")
     except ImportError as err:  # no matplotlib on the machine: `--plot_only` makes the PNG elsewhere
         print(f"wrote {a.out}; no PNG ({err}): run with --plot_only {a.out}")
+    if record["failed"]:
+        raise SystemExit(f"{len(record['failed'])} run(s) failed (see 'failed' in {a.out}): "
+                         + "; ".join(f"{f['task']} {f['variant']} seed {f['seed']}: {f['error']}"
+                                     for f in record["failed"]))
     return record
 
 

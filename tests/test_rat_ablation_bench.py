@@ -96,7 +96,7 @@ def test_smoke_end_to_end(tmp_path):
     meta = record["meta"]["rlm"]
     assert meta["bayes_loss"] < meta["bigram_loss"] < meta["bigram_pooled_loss"] < meta["uniform_loss"]
     variants, seeds = list(rat_ablation.VARIANTS), record["args"]["seeds"]
-    assert record["skipped"] == []
+    assert record["skipped"] == [] and record["failed"] == []
     rows = record["rows"]
     assert [(r["task"], r["variant"], r["seed"]) for r in rows] == (
         [("rlm", v, s) for s in range(seeds) for v in variants] + [("text", v, 0) for v in variants])
@@ -129,3 +129,20 @@ def test_smoke_end_to_end(tmp_path):
     assert summary["rlm"]["variants"]["rat_soft"]["gap_closed_mean"]["n"] == seeds
     assert all(f"| {v} |" in record["table_md"] for v in variants)
     assert (tmp_path / "ablation.png").stat().st_size > 20_000
+
+
+def test_a_failing_run_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    train = rat_ablation.train
+
+    def broken(model, *args, **kwargs):
+        if isinstance(model, rat_ablation.RatForCausalLM):
+            raise RuntimeError("planted failure")
+        return train(model, *args, **kwargs)
+
+    monkeypatch.setattr(rat_ablation, "train", broken)
+    out = tmp_path / "ablation.json"
+    with pytest.raises(SystemExit, match="2 run\\(s\\) failed .*rlm rat_soft seed 0: RuntimeError: planted failure"):
+        rat_ablation.main(["--smoke", "--tasks", "rlm", "--variants", "llama,rat_soft", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [(r["variant"], r["seed"]) for r in record["rows"]] == [("llama", 0), ("llama", 1)]
+    assert [(f["variant"], f["seed"]) for f in record["failed"]] == [("rat_soft", 0), ("rat_soft", 1)]
