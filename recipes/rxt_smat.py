@@ -118,4 +118,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from rat_hf.recipes._config import run_cli
+
+    run_cli(main, "recipes/rxt_smat.py")

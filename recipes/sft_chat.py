@@ -94,6 +94,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from rat_hf.recipes.chat_common import run_cli
+    from rat_hf.recipes._config import run_cli
 
     run_cli(main, "sft_chat.py")

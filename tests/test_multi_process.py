@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from rat_hf.recipes.pretrain import check_distributed_launch, train
+from rat_hf.recipes._config import check_distributed_launch
+from rat_hf.recipes.pretrain import train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/pretrain_rat.py"

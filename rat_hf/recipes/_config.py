@@ -3,13 +3,18 @@
 `--config FILE` (YAML or JSON) supplies defaults and the command line overrides them, as with TRL's `TrlParser`.
 The RAT seed's JSON layout (`{"model": {...}, "trainer": {...}, "dataset": {...}, "tokenizer_path": ...}`) is
 recognised and translated, so its config files work unchanged.
+
+`parse_args` also refuses a launch whose processes would not train as one run (`check_distributed_launch`; for a
+recipe without `TrainingArguments`, any distributed launch: `check_single_process_launch`), for every recipe, before
+any data or model work; `run_cli` turns a recipe's `main()` into a command whose user errors
+(`ValueError`) are one line on stderr, exit code 2.
 """
 
 import json
 import os
 import sys
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 # The seed's trainer/dataset keys -> our argument names (its model keys are RatConfig aliases and pass through).
 _SEED_TRAINER_KEYS = {
@@ -94,4 +99,66 @@ def parse_args(dataclass_types, argv=None, prog: str | None = None):
     objs, extra = outputs[: len(dataclass_types)], outputs[-1]  # (a Namespace holding --config sits in between)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    training = [obj for obj in objs if isinstance(obj, TrainingArguments)]  # SFTConfig, GRPOConfig, PPOConfig, ...
+    if training:
+        check_distributed_launch(training[0])
+    else:
+        check_single_process_launch(prog or parser.prog)
     return objs
+
+
+def check_distributed_launch(args: TrainingArguments) -> None:
+    """Refuse a launch whose processes would not train as one run (a silent wrong result otherwise).
+
+    `accelerate launch --num_processes N` starts N processes whatever the machine can do with them. Without GPUs and
+    without `--use_cpu true` each process finds no distributed setup and trains a full copy of the model on its own,
+    all writing the same `output_dir`; FSDP asked for on CPU is dropped by accelerate for plain DDP (it shards on
+    GPUs only). `args.world_size` (from accelerate's `PartialState`, built by `TrainingArguments`) is what `Trainer`
+    will use; `WORLD_SIZE` and `ACCELERATE_USE_FSDP` are what the launcher asked for.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    state = args.distributed_state  # accelerate's PartialState; None only without a launcher or device set-up
+    kind = state.distributed_type.value if state is not None else "NO"
+    if launched > 1 and args.world_size != launched:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but each trains alone (distributed type "
+            f"{kind}, world_size {args.world_size}): they would train {launched} independent models into one "
+            "output_dir. On GPUs check that each process sees one (CUDA_VISIBLE_DEVICES); on CPU add --use_cpu true "
+            "(DDP over gloo)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind in ("MULTI_CPU", "NO"):
+        raise ValueError(
+            f"the accelerate config asks for FSDP, which accelerate runs on GPUs only: on {kind} it would silently "
+            "train with DDP instead; use recipes/accelerate_configs/multi_gpu.yaml (DDP) on CPU")
+
+
+def check_single_process_launch(prog: str) -> None:
+    """A recipe without `TrainingArguments` (its own loop, no accelerate): refuse any distributed launch, where each
+    process would train its own copy into the same output directory."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if launched > 1 or fsdp:
+        asked = f"{launched} processes were launched (WORLD_SIZE={launched})" if launched > 1 else \
+            "the accelerate config asks for FSDP"
+        raise ValueError(f"{asked} but {prog} trains in one process (its loop does not use accelerate's distributed "
+                         "set-up): run it with python, or accelerate launch --num_processes 1 without FSDP")
+
+
+def run_cli(main, prog: str) -> None:
+    """`main()` as a command: an error the user can fix (a ValueError: bad argument, missing file, malformed line,
+    a refused model or launch) is one line on stderr and exit code 2; `--traceback` shows the full traceback; other
+    exceptions (bugs) keep theirs."""
+    from rat_hf.cli._common import report_error
+
+    traceback = "--traceback" in sys.argv
+    if traceback:
+        sys.argv.remove("--traceback")
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except ValueError as error:
+        if traceback:
+            raise
+        report_error(prog, error)
+        raise SystemExit(2) from None

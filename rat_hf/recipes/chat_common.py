@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, ModelConfig, SFTConfig
 
+from rat_hf.recipes._config import run_cli  # noqa: F401  (the chat recipes' entry point; lives with parse_args)
+
 logger = logging.getLogger("rat_hf.chat")
 
 # A fresh RAT small enough for CPU tests; a real run passes --model_name_or_path (e.g. a `rat-train` output).
@@ -443,24 +445,3 @@ def save_and_push(trainer, tokenizer, *, push: bool, method: str, command: str, 
             repo = api.create_repo(repo, private=bool(args.hub_private_repo), exist_ok=True).repo_id
             api.upload_folder(folder_path=folder, repo_id=repo, ignore_patterns=ignore)
     return folder
-
-
-def run_cli(main, prog: str) -> None:
-    """`main()` as a command: an error the user can fix (a ValueError: bad argument, missing file, malformed line,
-    a refused model) is one line on stderr and exit code 2; `--traceback` shows the full traceback; other exceptions
-    (bugs) keep theirs."""
-    from rat_hf.cli._common import report_error
-
-    traceback = "--traceback" in sys.argv
-    if traceback:
-        sys.argv.remove("--traceback")
-    try:
-        main()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    except ValueError as error:
-        if traceback:
-            raise
-        report_error(prog, error)
-        raise SystemExit(2) from None

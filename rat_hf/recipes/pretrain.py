@@ -34,6 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainingArguments, default_data_collator, set_seed
 
 from rat_hf.data.corpora import EVAL_FRACTION, held_out, split_documents  # noqa: F401  (held_out: re-exported)
+from rat_hf.recipes._config import check_distributed_launch  # noqa: F401  (re-exported; parse_args runs it)
 
 logger = logging.getLogger("rat_hf.pretrain")
 RECORD_FILE = "rat_train_data.json"
@@ -171,30 +172,6 @@ def build_model(margs: ModelArguments, vocab_size: int, tokenizer):
     return RatForCausalLM._from_config(config, attn_implementation=margs.attn_implementation)
 
 
-def check_distributed_launch(args: TrainingArguments) -> None:
-    """Refuse a launch whose processes would not train as one run (a silent wrong result otherwise).
-
-    `accelerate launch --num_processes N` starts N processes whatever the machine can do with them. Without GPUs and
-    without `--use_cpu true` each process finds no distributed setup and trains a full copy of the model on its own,
-    all writing the same `output_dir`; FSDP asked for on CPU is dropped by accelerate for plain DDP (it shards on
-    GPUs only). `args.world_size` (from accelerate's `PartialState`, built by `TrainingArguments`) is what `Trainer`
-    will use; `WORLD_SIZE` and `ACCELERATE_USE_FSDP` are what the launcher asked for.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    state = args.distributed_state  # accelerate's PartialState; None only without a launcher or device set-up
-    kind = state.distributed_type.value if state is not None else "NO"
-    if launched > 1 and args.world_size != launched:
-        raise ValueError(
-            f"{launched} processes were launched (WORLD_SIZE={launched}) but each trains alone (distributed type "
-            f"{kind}, world_size {args.world_size}): they would train {launched} independent models into one "
-            "output_dir. On GPUs check that each process sees one (CUDA_VISIBLE_DEVICES); on CPU add --use_cpu true "
-            "(DDP over gloo)")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind in ("MULTI_CPU", "NO"):
-        raise ValueError(
-            f"the accelerate config asks for FSDP, which accelerate runs on GPUs only: on {kind} it would silently "
-            "train with DDP instead; use recipes/accelerate_configs/multi_gpu.yaml (DDP) on CPU")
-
-
 def program_name() -> str:
     return "rat-train" if os.path.basename(sys.argv[0]) == "rat-train" else "python recipes/pretrain_rat.py"
 
@@ -224,13 +201,13 @@ def train(argv=None) -> dict:
     from rat_hf.trainers import RatTrainer
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # parse_args refuses a launch whose processes cannot train together, before any data work
     margs, data, hub, args = parse_args((ModelArguments, DataArguments, HubArguments, TrainingArguments), argv,
                                         prog="rat-train")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     command = f"{program_name()} {shlex.join(argv)}"
     if margs.model_name_or_path and data.tokenizer == DataArguments.tokenizer and data.dataset != "rlm":
         data.tokenizer = margs.model_name_or_path  # continuing: the checkpoint's own tokenizer, not a fresh BPE
-    check_distributed_launch(args)  # before any data work: a launch that cannot train together fails at once
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end with the card, not every checkpoint
 
