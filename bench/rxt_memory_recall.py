@@ -1,25 +1,33 @@
 """Memory-recall benchmark of the Reactive Transformer curriculum (issue 10).
 
-    python bench/rxt_memory_recall.py                 # GPU, ~6 minutes on one H200
-    python bench/rxt_memory_recall.py --smoke         # CPU, 1-2 minutes: tiny everything, numbers not meaningful
+    python bench/rxt_memory_recall.py                       # GPU: one H200, ~7 minutes (--time_budget_s 430)
+    python bench/rxt_memory_recall.py --smoke               # CPU, 1-2 minutes: tiny everything, numbers not meaningful
 
 Trains a small RxT through the whole curriculum (`rat_hf.recipes.rxt_pipeline`: pretrain -> sft -> memattn -> smat ->
 mrl) on the offline data — the memory-aware stages on `rat_hf.data.interactions.memory_recall_dataset` conversations
 (a fact, k distractor turns, the question) — and reports the exact-answer accuracy on held-out conversations at
 distances k = 1, 2, 4, 8 for
 
-- `rxt`: the curriculum's final model, earlier turns written into the memory, the question answered greedily;
-- `no_memory`: the same model with its memory reset every turn (the question alone): must be at chance;
+- `rxt`: the curriculum's final model (after MRL), earlier turns written into the memory, the question answered
+  greedily (`rxt_after_smat`: the same after stage 4, before MRL);
+- `no_memory`: the final model with its memory reset every turn (the question alone): must be at chance;
 - `llama_full_history`: a stateless `LlamaForCausalLM` with the RxT decoder's shape (hidden size, layers, heads, MLP,
-  tokenizer), trained with `transformers.Trainer` on the same conversations for the same steps, seeing the whole
-  history as one sequence (loss on every answer + EOS): the upper bound.
+  tokenizer), trained with `transformers.Trainer` on the same conversations for the steps SMAT reached, seeing the
+  whole history as one sequence (loss on every answer + EOS): the upper bound.
+
+`chance` is the best a model without memory can do: the most likely value of the asked attribute.
 
 Also each stage's wall time (from the pipeline's `pipeline.json`) and the MRL reward curves of the group-relative
 estimator (the pipeline's stage 5) vs PPO-with-critic (stage 5 rerun from the same SMAT model with
 `--advantage_estimator critic`), as `bench/results/rxt_mrl_rewards.png`.
 
+Time: `--time_budget_s` is the target for the whole run. SMAT trains until `max_train_seconds` (the budget minus
+what the other parts need), the Llama and the critic rerun are skipped when the budget is spent, and the JSON is
+rewritten after every part (`complete: false` until the end), so a run cut off by an outer time limit still leaves
+its rows.
+
 Output: `bench/results/rxt_memory_recall.json` (`device`, `date`, `command`, `rows: [{"model", "distance",
-"accuracy"}]`, `chance`, `stage_wall_s`, `mrl`, parameter counts, settings); `--smoke` writes
+"accuracy"}]`, `chance`, `stage_wall_s`, `smat_steps_reached`, `mrl`, parameter counts, settings); `--smoke` writes
 `rxt_memory_recall_smoke.json` unless `--out` says otherwise. Needs `datasets` (the recipes' data) and matplotlib.
 """
 
@@ -40,43 +48,56 @@ RESULTS = REPO / "bench" / "results"
 DISTANCES = (1, 2, 4, 8)
 
 
-def settings(smoke: bool, device: str) -> dict:
-    """Model size and steps per stage. GPU: a 256-wide 4-layer RxT; smoke: a 32-wide one and a handful of steps."""
+def settings(smoke: bool, device: str, budget_s: float) -> dict:
+    """Model size and steps per stage.
+
+    GPU: a 128-wide 3-layer RxT with a 400-piece BPE trained in stage 1 on text with 3,000 recall conversations. The small vocabulary is deliberate: the facts' values (colors,
+    cities, numbers) stay split into several pieces, so a fresh memory gets a stronger signal (on CPU, a 64-wide RxT
+    recalled at distance 1 at 0.48 after 400 SMAT steps of 32 episodes with 400 pieces, at 0.00 with 1024). SMAT
+    (stage 4) does the teaching: large batches (the step time of a model this small is kernel launches, not FLOPs, so
+    256 episodes cost about what 32 do), episodes grouped by their number of turns, and a time cap
+    (`max_train_seconds`) that takes what the budget leaves after the other stages; the Llama gets the steps SMAT
+    reached. MRL: a short curriculum (2 then 4 turns) at lr 3e-4, its reward curves vs PPO-with-critic are the point.
+    Smoke: a 32-wide RxT and a handful of steps (mechanics only).
+    """
     if smoke:
         model = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, num_query_heads=2, stm_size=8, max_position_embeddings=256)
-        s = dict(model=model, vocab=400, pretrain=4, sft=4, memattn=2, smat=16, mrl=[1, 1], batch=8, n_eval=16,
-                 recall=160, lr=3e-3, train_distances=[0, 1, 2])
+        s = dict(model=model, vocab=400, pretrain=4, sft=4, memattn=2, smat=16, smat_seconds=None, mrl=[1, 1],
+                 batch=8, n_eval=16, recall=160, lr=3e-3, mrl_lr=3e-4, mrl_batch=8, train_distances=[0, 1, 2])
     else:
-        model = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                     num_key_value_heads=4, num_query_heads=4, stm_size=64, max_position_embeddings=512)
-        s = dict(model=model, vocab=2048, pretrain=300, sft=300, memattn=150, smat=1500, mrl=[40, 40, 40], batch=64,
-                 n_eval=256, recall=20000, lr=1e-3, train_distances=[0, 1, 2, 4, 8])
-    common = dict(seed=0, report_to="none", save_strategy="no", disable_tqdm=False, logging_steps=2 if smoke else 10,
+        model = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, num_query_heads=2, stm_size=32, max_position_embeddings=512)
+        # budget: ~15 s start-up, ~40 s stages 1-3, ~20 s SMAT's tokenization, ~40 s MRL + ~40 s its critic rerun,
+        # ~40 s Llama, ~30 s evaluation: SMAT trains for the rest
+        s = dict(model=model, vocab=400, pretrain=150, sft=150, memattn=80, smat=20_000,
+                 smat_seconds=max(60.0, budget_s - 230.0), mrl=[20, 20], batch=256, n_eval=256, recall=24_000,
+                 lr=2e-3, mrl_lr=3e-4, mrl_batch=32, train_distances=[0, 1, 2, 4, 8])
+    common = dict(seed=0, report_to="none", save_strategy="no", disable_tqdm=False, logging_steps=2 if smoke else 20,
                   use_cpu=device == "cpu", bf16=False)  # fp32: small models, and the comparison stays exact
     max_turns = max(s["train_distances"]) + 2  # fact + distractors + question
     max_len = 96
+    early = dict(per_device_train_batch_size=min(s["batch"], 64), learning_rate=s["lr"], lr_scheduler_type="cosine")
     s["stages"] = {
-        "pretrain": {**common, "model_config_overrides": json.dumps(s["model"]), "tokenizer_vocab_size": s["vocab"],
-                     "dataset": "offline", "recall_conversations": s["recall"] // 4, "seq_len": 64 if smoke else 128,
-                     "max_steps": s["pretrain"], "per_device_train_batch_size": s["batch"], "learning_rate": s["lr"],
-                     "warmup_steps": max(1, s["pretrain"] // 10), "lr_scheduler_type": "cosine"},
-        "sft": {**common, "dataset": "offline", "recall_conversations": s["recall"] // 4, "max_length": max_len,
-                "max_steps": s["sft"], "per_device_train_batch_size": s["batch"], "learning_rate": s["lr"],
-                "warmup_steps": max(1, s["sft"] // 10), "lr_scheduler_type": "cosine"},
-        "memattn": {**common, "dataset": "offline", "recall_conversations": s["recall"] // 4, "max_turns": max_turns,
-                    "max_length": max_len, "max_steps": s["memattn"], "per_device_train_batch_size": s["batch"],
-                    "learning_rate": s["lr"], "warmup_steps": 1, "lr_scheduler_type": "cosine"},
+        "pretrain": {**common, **early, "model_config_overrides": json.dumps(s["model"]),
+                     "tokenizer_vocab_size": s["vocab"], "dataset": "offline", "recall_conversations": s["recall"] // 8,
+                     "seq_len": 64 if smoke else 128, "max_steps": s["pretrain"],
+                     "warmup_steps": max(1, s["pretrain"] // 10)},
+        "sft": {**common, **early, "dataset": "offline", "recall_conversations": s["recall"] // 8,
+                "max_length": max_len, "max_steps": s["sft"], "warmup_steps": max(1, s["sft"] // 10)},
+        "memattn": {**common, **early, "dataset": "offline", "recall_conversations": s["recall"] // 8,
+                    "max_turns": max_turns, "max_length": max_len, "max_steps": s["memattn"], "warmup_steps": 1},
         "smat": {**common, "dataset": "offline", "dialogs": False, "recall_conversations": s["recall"],
                  "recall_distances": s["train_distances"], "eval_distances": [1], "eval_conversations": 16,
                  "max_turns": max_turns, "max_length": max_len, "bptt_turns": max_turns, "max_steps": s["smat"],
-                 "per_device_train_batch_size": s["batch"], "learning_rate": s["lr"], "warmup_steps": 10,
-                 "lr_scheduler_type": "constant_with_warmup", "model_card": False},
+                 "per_device_train_batch_size": s["batch"], "learning_rate": s["lr"], "warmup_steps": 20,
+                 "lr_scheduler_type": "constant_with_warmup", "train_sampling_strategy": "group_by_length",
+                 "model_card": False, **({"max_train_seconds": s["smat_seconds"]} if s["smat_seconds"] else {})},
         "mrl": {**common, "dataset": "recall", "strategies": ["cumulative", "long_range"],
                 "recall_conversations": max(64, s["recall"] // 20), "eval_conversations": 16,
-                "curriculum": [2, 4, 8][:len(s["mrl"])], "curriculum_steps": s["mrl"], "num_generations": 4,
-                "per_device_train_batch_size": 8 if smoke else 32, "max_completion_length": 8, "bleu_max_n": 2,
-                "learning_rate": 3e-4 if smoke else 5e-5, "logging_steps": 1, "model_card": False},
+                "curriculum": [2, 4][:len(s["mrl"])], "curriculum_steps": s["mrl"], "num_generations": 4,
+                "per_device_train_batch_size": s["mrl_batch"], "max_completion_length": 8, "bleu_max_n": 2,
+                "learning_rate": s["mrl_lr"], "logging_steps": 1, "model_card": False},
     }
     return s
 
@@ -186,12 +207,20 @@ def plot_mrl(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (1-2 minutes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--work", default=None, help="checkpoints (default outputs/bench_rxt_memory_recall[_smoke])")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/rxt_memory_recall[_smoke].json)")
+    p.add_argument("--time_budget_s", type=float, default=430.0,
+                   help="the whole run's wall-time target: SMAT trains for what the other parts leave of it, the "
+                        "optional parts (Llama, the critic rerun) are skipped when the budget is spent; the JSON is "
+                        "rewritten after every part, so a run cut off still leaves its rows")
     p.add_argument("--no_mrl_critic", action="store_true", help="skip the PPO-with-critic comparison run")
     argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
@@ -202,13 +231,32 @@ def main(argv=None) -> dict:
     suffix = "_smoke" if a.smoke else ""
     work = Path(a.work or f"outputs/bench_rxt_memory_recall{suffix}")
     out = Path(a.out or RESULTS / f"rxt_memory_recall{suffix}.json")
-    s = settings(a.smoke, a.device)
+    png = out.with_name(out.stem.replace("rxt_memory_recall", "rxt_mrl_rewards") + ".png")
     t0 = time.perf_counter()
+    s = settings(a.smoke, a.device, a.time_budget_s)
+    device = torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    result = {
+        "device": device, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/rxt_memory_recall.py " + shlex.join(argv), "smoke": a.smoke, "complete": False,
+        "rows": [], "skipped": [], "time_budget_s": a.time_budget_s, "rxt_model": s["model"],
+        "tokenizer_vocab_size": s["vocab"], "train_distances": s["train_distances"],
+        "steps": {k: s[k] for k in ("pretrain", "sft", "memattn", "smat", "mrl")}, "smat_max_train_seconds":
+        s["smat_seconds"], "smat_batch": s["batch"], "learning_rate": s["lr"], "mrl_learning_rate": s["mrl_lr"],
+        "eval_conversations_per_distance": s["n_eval"],
+    }
+
+    def write() -> None:  # after every part: a run that is cut off still leaves what it measured
+        result["total_wall_s"] = round(time.perf_counter() - t0, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+
+    def left() -> float:
+        return a.time_budget_s - (time.perf_counter() - t0)
 
     # ---- the curriculum ----------------------------------------------------------------------------------------------
     import yaml
 
-    from rat_hf.recipes.rxt_pipeline import REPO_ROOT, run_pipeline
+    from rat_hf.recipes.rxt_pipeline import REPO_ROOT, run_pipeline, stage_argv
 
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "pipeline.yaml", "w") as f:
@@ -217,14 +265,61 @@ def main(argv=None) -> dict:
     if summary["missing"]:
         raise RuntimeError(f"the curriculum lacks stage(s) {summary['missing']}: their recipes are missing")
     stage_wall = {r["stage"]: r["wall_s"] for r in summary["stages"]}
+    smat_state = load_json(work / "smat" / "trainer_state.json")
+    smat_steps = int(smat_state.get("global_step") or s["smat"])
+    result.update(stage_wall_s=stage_wall, smat_steps_reached=smat_steps,
+                  smat_loss=[(h["step"], h["loss"]) for h in smat_state.get("log_history", []) if "loss" in h])
+    mrl_logs = {"group": load_json(work / "mrl" / "mrl.json")}
+    result["mrl"] = {"group": mrl_logs["group"].get("metrics")}
+    write()
 
-    # ---- MRL comparison: PPO with a critic from the same SMAT model ----------------------------------------------------
-    mrl_curves = {}
-    mrl_logs = {"group": json.load(open(work / "mrl" / "mrl.json"))}
-    if not a.no_mrl_critic:
+    # ---- evaluation of the RxT: after SMAT and after MRL (the final model), and with the memory reset ----------------
+    from transformers import AutoTokenizer
+
+    from rat_hf.data import memory_recall_dataset
+    from rat_hf.models.rxt import RxTForCausalLM
+    from rat_hf.trainers import recall_accuracy
+
+    tokenizer = AutoTokenizer.from_pretrained(summary["final_model"])
+    held_out = {k: list(memory_recall_dataset(s["n_eval"], k, seed=50_000 + k)) for k in DISTANCES}
+    result["chance"] = {str(k): chance_level(records) for k, records in held_out.items()}
+    start = time.perf_counter()
+    rxt = None
+    for label, path in (("rxt_after_smat", work / "smat"), ("rxt", Path(summary["final_model"]))):
+        rxt = RxTForCausalLM.from_pretrained(path).to(a.device)
+        for k, records in held_out.items():
+            result["rows"].append({"model": label, "distance": k, "accuracy": recall_accuracy(rxt, tokenizer, records)})
+            if label == "rxt":
+                result["rows"].append({"model": "no_memory", "distance": k,
+                                       "accuracy": recall_accuracy(rxt, tokenizer, records, memory_reset=True)})
+    stage_wall["eval_rxt"] = round(time.perf_counter() - start, 2)
+    result["parameters"] = {"rxt": rxt.num_parameters()}
+    write()
+
+    # ---- the upper bound: a stateless Llama of the decoder's shape over the full history, SMAT's steps -----------
+    if left() > 30 or a.smoke:
+        start = time.perf_counter()
+        train_records = [r for i, k in enumerate(s["train_distances"])
+                         for r in memory_recall_dataset(s["recall"] // len(s["train_distances"]), k, seed=i)]
+        llama = train_llama(tokenizer, rxt.config, train_records, smat_steps, s["batch"], s["lr"], a.device, work)
+        stage_wall["llama_full_history"] = round(time.perf_counter() - start, 2)
+        for k, records in held_out.items():
+            result["rows"].append({"model": "llama_full_history", "distance": k,
+                                   "accuracy": llama_recall(llama, tokenizer, records)})
+        result["parameters"]["llama_full_history"] = llama.num_parameters()
+        result["llama_steps"] = smat_steps
+    else:
+        result["skipped"].append(f"llama_full_history: {left():.0f} s of the time budget left")
+    write()
+
+    # ---- MRL comparison: PPO with a critic from the same SMAT model --------------------------------------------------
+    if a.no_mrl_critic:
+        result["skipped"].append("mrl_critic: --no_mrl_critic")
+    elif left() < stage_wall["mrl"] and not a.smoke:
+        result["skipped"].append(f"mrl_critic: {left():.0f} s of the time budget left, the group run took "
+                                 f"{stage_wall['mrl']:.0f} s")
+    else:
         import importlib.util
-
-        from rat_hf.recipes.rxt_pipeline import stage_argv
 
         spec = importlib.util.spec_from_file_location("rxt_mrl_recipe", REPO_ROOT / "recipes" / "rxt_mrl.py")
         recipe = importlib.util.module_from_spec(spec)
@@ -233,58 +328,24 @@ def main(argv=None) -> dict:
         recipe.main(stage_argv("mrl", {**s["stages"]["mrl"], "advantage_estimator": "critic"}, str(work / "smat"),
                                str(work / "mrl_critic"), None, False, None))
         stage_wall["mrl_critic"] = round(time.perf_counter() - start, 2)
-        mrl_logs["critic"] = json.load(open(work / "mrl_critic" / "mrl.json"))
+        mrl_logs["critic"] = load_json(work / "mrl_critic" / "mrl.json")
+        result["mrl"]["critic"] = mrl_logs["critic"].get("metrics")
+    curves = {}
     for name, log in mrl_logs.items():
         label = "group-relative (critic-free)" if name == "group" else "PPO with critic"
-        mrl_curves[label] = [(h["step"], h["reward"]) for h in log["log_history"] if "reward" in h]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    png = out.with_name(out.stem.replace("rxt_memory_recall", "rxt_mrl_rewards") + ".png")
-    plot_mrl(mrl_curves, png)
+        curves[label] = [(h["step"], h["reward"]) for h in log.get("log_history", []) if "reward" in h]
+    plot_mrl(curves, png)
+    result.update(mrl_rewards_png=str(png), complete=True)
+    write()
 
-    # ---- evaluation --------------------------------------------------------------------------------------------------
-    from transformers import AutoTokenizer
-
-    from rat_hf.data import memory_recall_dataset
-    from rat_hf.models.rxt import RxTForCausalLM
-    from rat_hf.trainers.rxt_smat_trainer import recall_accuracy
-
-    final = summary["final_model"]
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    rxt = RxTForCausalLM.from_pretrained(final).to(a.device)
-    held_out = {k: list(memory_recall_dataset(s["n_eval"], k, seed=50_000 + k)) for k in DISTANCES}
-    rows, chance = [], {}
-    for k, records in held_out.items():
-        chance[k] = chance_level(records)
-        rows.append({"model": "rxt", "distance": k, "accuracy": recall_accuracy(rxt, tokenizer, records)})
-        rows.append({"model": "no_memory", "distance": k,
-                     "accuracy": recall_accuracy(rxt, tokenizer, records, memory_reset=True)})
-    start = time.perf_counter()
-    train_records = [r for i, k in enumerate(s["train_distances"])
-                     for r in memory_recall_dataset(s["recall"] // len(s["train_distances"]), k, seed=i)]
-    llama = train_llama(tokenizer, rxt.config, train_records, s["smat"], s["batch"], s["lr"], a.device, work)
-    stage_wall["llama_full_history"] = round(time.perf_counter() - start, 2)
-    for k, records in held_out.items():
-        rows.append({"model": "llama_full_history", "distance": k, "accuracy": llama_recall(llama, tokenizer, records)})
-
-    device = torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
-    result = {
-        "device": device, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/rxt_memory_recall.py " + shlex.join(argv), "smoke": a.smoke, "rows": rows,
-        "chance": {str(k): v for k, v in chance.items()}, "eval_conversations_per_distance": s["n_eval"],
-        "stage_wall_s": stage_wall, "total_wall_s": round(time.perf_counter() - t0, 1),
-        "parameters": {"rxt": rxt.num_parameters(), "llama_full_history": llama.num_parameters()},
-        "rxt_model": s["model"], "steps": {k: s[k] for k in ("pretrain", "sft", "memattn", "smat", "mrl")},
-        "train_distances": s["train_distances"],
-        "mrl": {name: log["metrics"] for name, log in mrl_logs.items()}, "mrl_rewards_png": str(png),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    table = {(r["model"], r["distance"]): r["accuracy"] for r in rows}
-    print("distance  " + "  ".join(f"{m:>18}" for m in ("rxt", "no_memory", "llama_full_history")) + "   chance")
+    table = {(r["model"], r["distance"]): r["accuracy"] for r in result["rows"]}
+    models = ("rxt", "rxt_after_smat", "no_memory", "llama_full_history")
+    print("distance  " + "  ".join(f"{m:>18}" for m in models) + "   chance")
     for k in DISTANCES:
-        print(f"{k:>8}  " + "  ".join(f"{table[(m, k)]:>18.3f}" for m in ("rxt", "no_memory", "llama_full_history"))
-              + f"   {chance[k]:.3f}")
-    print(f"stage wall times (s): {stage_wall}; wrote {out} and {png}")
+        print(f"{k:>8}  " + "  ".join(f"{table.get((m, k), float('nan')):>18.3f}" for m in models)
+              + f"   {result['chance'][str(k)]:.3f}")
+    print(f"stage wall times (s): {stage_wall}; SMAT steps {smat_steps}; skipped {result['skipped']}; "
+          f"total {result['total_wall_s']} s; wrote {out} and {png}")
     return result
 
 
