@@ -503,6 +503,10 @@ def plot(record: dict, path: str) -> None:
     fig, axes = plt.subplots(3, 2, figsize=(13, 13))
     variants = list(VARIANTS)
     for ax, (task, key, x) in zip(axes.flatten(), panels):
+        if not any(c["task"] == task for c in record["curves"]):
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, f"{task}: not run", ha="center", va="center", transform=ax.transAxes)
+            continue
         for i, v in enumerate(variants):
             runs = [c["points"] for c in record["curves"] if c["task"] == task and c["variant"] == v]
             if not runs:
@@ -525,8 +529,9 @@ def plot(record: dict, path: str) -> None:
             ax.axhline(1.0, color="k", lw=0.8, ls=":")
             ax.axhline(0.0, color="k", lw=0.8, ls=":")
             lowest = min((y for line in ax.get_lines() for y in line.get_ydata()), default=0.0)
-            if lowest > -1.0:  # early points far below a bigram model would squash the interesting range
-                ax.set_ylim(min(-0.05, lowest - 0.05), 1.05)
+            # the first points lie far below a bigram model (down to -3 or -5): below -1 they would squash the range
+            # where the variants differ, so they run off the bottom
+            ax.set_ylim(max(-1.0, min(-0.05, lowest - 0.05)), 1.05)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize="small")
     fig.suptitle(f"RAT ablation ({record['device']}, {record['date']}): mean over seeds, band = min..max", y=0.995)
