@@ -606,6 +606,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     a = parse_args(argv)
     command = " ".join(["python", *(sys.argv if argv is None else [__file__, *argv])])
+    if os.environ.get("OUT"):  # the device's output folder, written as the variable (the RESULTS.md convention)
+        command = command.replace(os.environ["OUT"], "$OUT")
     png = a.plot or os.path.splitext(a.plot_only or a.out)[0] + ".png"
     if a.plot_only:
         with open(a.plot_only) as f:
@@ -639,7 +641,11 @@ def main(argv=None) -> dict:
 
     probed = []
     for name in a.tasks.split(","):
-        task = RLMTask(a, a.device) if name == "rlm" else TextTask(a, a.device)
+        try:
+            task = RLMTask(a, a.device) if name == "rlm" else TextTask(a, a.device)
+        except Exception as err:  # e.g. no stdlib docs on the machine: the other task still runs; recorded, exit 1
+            fail(name, None, None, err)
+            continue
         record["meta"][name] = task.meta
         print(f"[{name}] {json.dumps(task.meta)}", flush=True)
         step_s = {}
@@ -648,9 +654,10 @@ def main(argv=None) -> dict:
                 step_s.update(probe(task, [v], a, a.device))
             except Exception as err:  # the variant is left out of this task's runs; recorded, exit 1
                 fail(name, v, None, err)
-        if not step_s:
-            raise SystemExit(f"[{name}] every variant failed: {record['failed']}")
-        probed.append((task, step_s))
+        if step_s:
+            probed.append((task, step_s))
+    if not probed:
+        raise SystemExit(f"nothing to run: {record['failed']}")
     # the training seconds asked for, shrunk to what the budget has left after the set-up (10 s for the end); a task
     # that needs less (the text runs stop at --text_epochs) hands the rest to the random language
     asked = {"rlm": a.rlm_seconds, "text": a.text_seconds}
