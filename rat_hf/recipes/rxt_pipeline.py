@@ -17,6 +17,7 @@ their saved checkpoints; `<output_root>/final` is a link to the last stage's dir
 A pipeline config (YAML/JSON) names each stage's recipe config and overrides:
 
     output_root: outputs/rxt_pipeline_tiny
+    torch_threads: 1                                   # optional: CPU threads for torch in every stage
     stages:
       pretrain: {config: recipes/configs/rxt_pretrain_tiny.yaml, max_steps: 60}
       smat: {config: recipes/configs/rxt_smat_tiny.yaml, recall_distances: [1], max_steps: 80}
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", help="run each stage as a subprocess with this command prefix, e.g. 'python' or "
                    "'accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml' (default: in-process)")
     p.add_argument("--seed", type=int, help="passed to every stage as --seed")
+    p.add_argument("--torch_threads", type=int, help="CPU threads for torch in every stage (default: the config's "
+                   "torch_threads, else torch's own choice); tiny models run fastest on 1")
     p.add_argument("--push_to_hub", action="store_true", help="push every stage's model to the Hub")
     p.add_argument("--hub_model_id_prefix", help="stage s is pushed as <prefix>-<s> (default: the stage dir's name)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
@@ -160,9 +163,10 @@ def parse_pipeline(argv=None) -> tuple:
     source = args.config or (PRESETS[args.preset] if args.preset else None)
     if source:
         config = _load_yaml(_resolve(source), "--config")
-    unknown = sorted(set(config) - {"output_root", "seed", "stages"})
+    unknown = sorted(set(config) - {"output_root", "seed", "stages", "torch_threads"})
     if unknown:
-        raise ValueError(f"--config {source!r}: unknown keys {unknown} (expected output_root, seed, stages)")
+        raise ValueError(f"--config {source!r}: unknown keys {unknown} (expected output_root, seed, stages, "
+                         "torch_threads)")
     stage_specs = config.get("stages") or {}
     if not isinstance(stage_specs, dict) or set(stage_specs) - set(STAGES):
         raise ValueError(f"--config {source!r}: 'stages' must map some of {list(STAGES)} to their arguments")
@@ -184,6 +188,10 @@ def parse_pipeline(argv=None) -> tuple:
         raise ValueError(f"--stages starts at {stages[0]!r}: give --model_name_or_path (the previous stage's output)")
     root = Path(args.output_root or config.get("output_root") or "outputs/rxt_pipeline")
     seed = args.seed if args.seed is not None else config.get("seed")
+    threads = args.torch_threads if args.torch_threads is not None else config.get("torch_threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"torch_threads={threads!r}: expected a positive integer")
+    args.torch_threads = threads
     return args, stages, stage_specs, root, seed
 
 
@@ -197,6 +205,13 @@ def run_pipeline(argv=None) -> dict:
     model = args.model_name_or_path
     recipes = Path(args.recipes_dir)
     start_all = time.perf_counter()
+    threads_before = None
+    if args.torch_threads is not None:
+        import torch
+
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(args.torch_threads)
+        summary["torch_threads"] = args.torch_threads
 
     def write():
         summary["total_wall_s"] = round(time.perf_counter() - start_all, 2)
@@ -226,13 +241,16 @@ def run_pipeline(argv=None) -> dict:
         start = time.perf_counter()
         try:
             if args.launcher:
-                subprocess.run([*shlex.split(args.launcher), str(recipe), *argv_stage], check=True)
+                env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else {}))
+                subprocess.run([*shlex.split(args.launcher), str(recipe), *argv_stage], check=True, env=env)
                 metrics = {}
             else:
                 metrics = _load_recipe_main(recipe)(argv_stage) or {}
         except BaseException as e:
             record.update(status="failed", wall_s=round(time.perf_counter() - start, 2), error=repr(e))
             write()
+            if threads_before is not None:
+                torch.set_num_threads(threads_before)
             print(f"[rxt-pipeline] stage {stage} FAILED after {record['wall_s']:.1f} s: {e!r}", file=sys.stderr)
             raise
         record.update(status="done", wall_s=round(time.perf_counter() - start, 2),
@@ -242,6 +260,8 @@ def run_pipeline(argv=None) -> dict:
         write()
         print(f"[rxt-pipeline] stage {i}/{len(stages)} {stage} done in {record['wall_s']:.1f} s -> {out_dir}",
               flush=True)
+    if threads_before is not None:
+        torch.set_num_threads(threads_before)  # an in-process caller gets its setting back
     if summary["final_model"]:
         summary["final_link"] = str(_link_final(root, Path(summary["final_model"])))
     write()
