@@ -182,10 +182,12 @@ def fused_linears(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch
     if len(linears) < 2 or not all(_is_plain_linear(m) for m in linears):
         return [m(x) for m in linears]
     weight = torch.cat([m.weight for m in linears])  # [sum(out), in]
-    bias = None
-    if any(m.bias is not None for m in linears):
-        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
-    return list(F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1))
+    with_bias = [m.bias is not None for m in linears]
+    if all(with_bias) or not any(with_bias):
+        bias = torch.cat([m.bias for m in linears]) if all(with_bias) else None
+        return list(F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1))
+    outputs = F.linear(x, weight).split([m.out_features for m in linears], dim=-1)  # some biased (the gate nets)
+    return [out if m.bias is None else out + m.bias for out, m in zip(outputs, linears)]
 
 
 class RatMLP(nn.Module):
@@ -429,8 +431,11 @@ class RatTemporalConv(nn.Module):
 
 
 # The conv branch (norm -> depthwise conv -> GELU -> pointwise -> GELU) saved ~6 [B, T, D] activations per layer for
-# backward when run plainly: RAT's peak training memory was 1.20x Llama's. Under selective activation checkpointing it
-# keeps only the pointwise GEMM's output; the norm, convolution and GELU are elementwise and recomputed in backward.
+# backward when run plainly: RAT's peak training memory was 1.20x Llama's. Compiled, it runs under selective
+# activation checkpointing: only the pointwise GEMM's output is kept, the norm, convolution and GELU (elementwise) are
+# recomputed in backward. In eager mode the selective policy is a Python dispatch mode called for every op, which
+# cost ~10% of an eager step on an H200 (host-bound at 110M parameters); eager runs a plain checkpoint instead (keeps
+# only the branch's input, recomputes the branch with its one GEMM).
 _CONV_BRANCH_SAVES = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 _CHECKPOINT_CONV_BRANCH = True  # False runs the branch plainly (the tests compare both)
 
@@ -473,22 +478,26 @@ class RatDecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache,
             sample_policies=sample_policies, gates_off=gates_off, **kwargs,
         )
-        hidden_states = hidden_states + self.dropout(attn_out)
+        # dropout is the identity in eval: not called there (decoding launches every op of every layer per token)
+        hidden_states = hidden_states + (self.dropout(attn_out) if self.training else attn_out)
         if self.temporal_conv is not None:
             conv_out = self._conv_branch(hidden_states, padding_mask, cache, tap_mask)
-            hidden_states = hidden_states + self.dropout(conv_out)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+            hidden_states = hidden_states + (self.dropout(conv_out) if self.training else conv_out)
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + (self.dropout(mlp_out) if self.training else mlp_out)
         return hidden_states, gate.selector_probs, gate.sampled_log_prob, gate.gates, gate.policy_gates
 
 
     def _conv_branch(self, hidden_states, padding_mask, cache, tap_mask) -> torch.Tensor:
         """norm -> temporal conv `[B, T, D]`; while training with gradients (no cache, and the layer not checkpointed
-        as a whole already) under selective activation checkpointing, which is exact and saves ~6 activations."""
+        as a whole already) under activation checkpointing (selective when compiled): exact, ~6 activations fewer."""
         def branch(h, padding_mask, tap_mask):
             return self.temporal_conv(self.conv_layernorm(h), padding_mask, None, tap_mask)
 
         if (_CHECKPOINT_CONV_BRANCH and self.training and torch.is_grad_enabled() and cache is None
                 and not self.gradient_checkpointing):
+            if not torch.compiler.is_compiling():
+                return checkpoint(branch, hidden_states, padding_mask, tap_mask, use_reentrant=False)
             return checkpoint(branch, hidden_states, padding_mask, tap_mask, use_reentrant=False,
                               context_fn=functools.partial(create_selective_checkpoint_contexts, _save_only_matmuls))
         return self.temporal_conv(self.conv_layernorm(hidden_states), padding_mask, cache, tap_mask)
