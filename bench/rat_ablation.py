@@ -584,7 +584,7 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=int, default=4000)
     p.add_argument("--probe_warmup", type=int, default=3)
     p.add_argument("--probe_steps", type=int, default=6)
-    p.add_argument("--time_budget_s", type=float, default=440.0,
+    p.add_argument("--time_budget_s", type=float, default=430.0,
                    help="start no run whose estimated end lies past this many seconds from the start")
     a = p.parse_args(argv)
     if a.smoke:
