@@ -21,7 +21,6 @@ completion length per step), `log_history.json`. Shared code: `rat_hf/recipes/ch
 """
 
 import logging
-import shlex
 import sys
 
 from transformers import set_seed
@@ -32,11 +31,12 @@ from rat_hf.recipes.chat_common import (
     GRPO_ARGUMENTS,
     build_model_and_tokenizer,
     check_model_arguments,
+    finish_run,
     grpo_trainer_class,
     load_conversations,
     message_texts,
     prompt_dataset,
-    save_and_push,
+    reward_functions,
     save_base_model,
 )
 
@@ -44,13 +44,6 @@ logger = logging.getLogger("rat_hf.chat")
 # What training_stats.png shows: {panel title: log keys (fnmatch patterns)}
 PANELS = {"reward": ["reward", "rewards/*/mean"], "KL to the reference": ["kl"], "entropy": ["entropy"],
           "completion length (tokens)": ["completions/mean_length", "completions/mean_terminated_length"]}
-
-
-def reward_functions(names, target_length):
-    """The named rewards; `length` with `target_length` bound (TRL still logs it as length_reward)."""
-    from rat_hf.rewards import get_reward_funcs, length_reward, make_length_reward
-
-    return [make_length_reward(target_length) if f is length_reward else f for f in get_reward_funcs(names)]
 
 
 def main(argv=None):
@@ -82,19 +75,11 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     # ---- save, card, push --------------------------------------------------------------------------------------------
-    config = {k: v for k, v in {**vars(margs), **vars(dargs), **vars(sargs)}.items() if v is not None}
-    config.update(learning_rate=args.learning_rate, max_steps=args.max_steps, beta=args.beta,
-                  num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-                  temperature=args.temperature, loss_type=args.loss_type, reward_weights=args.reward_weights)
-    folder = save_and_push(trainer, tokenizer, push=push, method="grpo", dataset_label=dataset_label, panels=PANELS,
-                           command=f"python recipes/grpo_chat.py {shlex.join(argv)}", config=config,
-                           merge_adapter=sargs.merge_adapter)
-    if trainer.is_world_process_zero():
-        rewards_logged = [e["reward"] for e in trainer.state.log_history if "reward" in e]
-        if rewards_logged:
-            print(f"GRPO: mean reward {rewards_logged[0]:.4f} -> {rewards_logged[-1]:.4f} over "
-                  f"{trainer.state.global_step} steps; model in {folder}")
-    trainer.accelerator.end_training()
+    finish_run(trainer, tokenizer, recipe="grpo_chat.py", argv=argv, arguments=(margs, dargs, sargs),
+               training_fields=("learning_rate", "max_steps", "beta", "num_generations", "max_completion_length",
+                                "temperature", "loss_type", "reward_weights"),
+               method="grpo", dataset_label=dataset_label, panels=PANELS, push=push,
+               merge_adapter=sargs.merge_adapter, summary=("reward", "mean reward"))
     return trainer
 
 

@@ -22,7 +22,6 @@ merged into its base: what `--push_to_hub` uploads, with the model card), `value
 """
 
 import logging
-import shlex
 import sys
 from dataclasses import dataclass, field
 
@@ -34,10 +33,11 @@ from rat_hf.recipes.chat_common import (
     ChatDataArguments,
     ChatModelArguments,
     build_model_and_tokenizer,
+    finish_run,
     load_conversations,
     message_texts,
     prompt_dataset,
-    save_and_push,
+    reward_functions,
     save_base_model,
 )
 from rat_hf.trainers.ppo_config import PPOConfig
@@ -56,13 +56,6 @@ class PPOScriptArguments:
     target_length: float = field(default=50, metadata={"help": "length reward: the best length, in words"})
     merge_adapter: bool = field(default=True, metadata={
         "help": "also save the LoRA adapter merged into its base model (output_dir/merged), the folder pushed"})
-
-
-def reward_functions(names, target_length):
-    """The named rewards; `length` with `target_length` bound (logged as length_reward)."""
-    from rat_hf.rewards import get_reward_funcs, length_reward, make_length_reward
-
-    return [make_length_reward(target_length) if f is length_reward else f for f in get_reward_funcs(names)]
 
 
 def main(argv=None):
@@ -94,20 +87,13 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     # ---- save, card, push --------------------------------------------------------------------------------------------
-    config = {k: v for k, v in {**vars(margs), **vars(dargs), **vars(sargs)}.items() if v is not None}
-    config.update({k: getattr(args, k) for k in (
-        "learning_rate", "max_steps", "kl_coef", "clip_eps", "value_clip_eps", "vf_coef", "entropy_coef", "gamma",
-        "lam", "num_ppo_epochs", "num_mini_batches", "temperature", "max_new_tokens", "reward_weights")})
     policy = trainer.accelerator.unwrap_model(trainer.model).policy  # save_model writes it and the value function
-    folder = save_and_push(trainer, tokenizer, push=push, method="ppo", dataset_label=dataset_label, panels=PANELS,
-                           command=f"python recipes/ppo_chat.py {shlex.join(argv)}", config=config,
-                           merge_adapter=sargs.merge_adapter, model=policy)
-    if trainer.is_world_process_zero():
-        logged = [e["reward"] for e in trainer.state.log_history if "reward" in e]
-        if logged:
-            print(f"PPO: mean reward {logged[0]:.4f} -> {logged[-1]:.4f} over {trainer.state.global_step} steps; "
-                  f"model in {folder}")
-    trainer.accelerator.end_training()
+    finish_run(trainer, tokenizer, recipe="ppo_chat.py", argv=argv, arguments=(margs, dargs, sargs),
+               training_fields=("learning_rate", "max_steps", "kl_coef", "clip_eps", "value_clip_eps", "vf_coef",
+                                "entropy_coef", "gamma", "lam", "num_ppo_epochs", "num_mini_batches", "temperature",
+                                "max_new_tokens", "reward_weights"),
+               method="ppo", dataset_label=dataset_label, panels=PANELS, push=push,
+               merge_adapter=sargs.merge_adapter, summary=("reward", "mean reward"), model=policy)
     return trainer
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 
 from rat_hf.recipes._config import parse_args
+from rat_hf.recipes.rxt_stage import ConversationDataArguments
+from rat_hf.recipes.rxt_stage import StageModelArguments as ModelArguments
 from rat_hf.trainers._rxt_common import finish_stage, load_conversations, load_stage_model
 from rat_hf.trainers.rxt_memattn_config import RxTMemAttnConfig
 from rat_hf.trainers.rxt_memattn_trainer import RxTMemAttnTrainer
@@ -30,15 +32,7 @@ logger = logging.getLogger("rat_hf.recipes.rxt")
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "the previous stage's output (required)"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
-
-
-@dataclass
-class DataArguments:
-    dataset: str = field(default="offline", metadata={"help": "offline | JSON(L) file | Hub dataset of conversations"})
-    recall_conversations: int = field(default=2000, metadata={"help": "offline: synthetic memory-recall conversations"})
+class DataArguments(ConversationDataArguments):
     min_turns: int = field(default=2, metadata={"help": "skip conversations with fewer interactions"})
 
 
@@ -47,8 +41,7 @@ def main(argv=None) -> dict:
     margs, data, args = parse_args((ModelArguments, DataArguments, RxTMemAttnConfig), argv,
                                    prog="recipes/rxt_memattn.py")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not margs.model_name_or_path:
-        raise ValueError("--model_name_or_path is required: the output directory of recipes/rxt_sft.py")
+    margs.require_previous_stage("recipes/rxt_sft.py")
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once, with the card
 

@@ -22,15 +22,15 @@ optimizer step, coloured by curriculum stage, with the evaluations) + `training.
 
 import json
 import logging
-import math
 import os
-import shlex
 import sys
 from dataclasses import dataclass, field
 
 from transformers import set_seed
 
 from rat_hf.recipes._config import parse_args
+from rat_hf.recipes.rxt_stage import ConversationDataArguments, write_card_and_push
+from rat_hf.recipes.rxt_stage import StageModelArguments as ModelArguments
 from rat_hf.trainers._rxt_common import load_conversations, load_stage_model, plot_log_history
 from rat_hf.trainers.rxt_mrl_config import RxTMRLConfig
 from rat_hf.trainers.rxt_mrl_trainer import RxTMRLTrainer, mrl_recall_dataset
@@ -39,17 +39,11 @@ logger = logging.getLogger("rat_hf.recipes.rxt")
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "the previous stage's output (required)"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
-
-
-@dataclass
-class DataArguments:
+class DataArguments(ConversationDataArguments):
     dataset: str = field(default="recall", metadata={"help": "recall | JSON(L) file | Hub dataset of conversations"})
+    recall_conversations: int = field(default=2000, metadata={"help": "recall: conversations per strategy"})
     strategies: list[str] = field(default_factory=lambda: ["cumulative", "long_range"],
                                   metadata={"help": "recall: the strategies mixed in the data"})
-    recall_conversations: int = field(default=2000, metadata={"help": "recall: conversations per strategy"})
     eval_conversations: int = field(default=64, metadata={"help": "held-out conversations per strategy"})
     model_card: bool = field(default=True, metadata={"help": "write README.md into output_dir"})
 
@@ -100,8 +94,7 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     margs, data, args = parse_args((ModelArguments, DataArguments, RxTMRLConfig), argv, prog="recipes/rxt_mrl.py")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not margs.model_name_or_path:
-        raise ValueError("--model_name_or_path is required: the output directory of recipes/rxt_smat.py")
+    margs.require_previous_stage("recipes/rxt_smat.py")
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the card
 
@@ -134,18 +127,8 @@ def main(argv=None) -> dict:
                                                               else [])
     plot_log_history(trainer.state.log_history, os.path.join(args.output_dir, "training.png"), curves,
                      f"RxT stage 5: MRL ({args.advantage_estimator})")
-    if data.model_card:
-        from rat_hf.hub import model_card
-
-        shown = {k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in metrics.items()}
-        card = model_card(trainer.policy, command=f"python recipes/rxt_mrl.py {shlex.join(argv)}",
-                          config={**vars(margs), **vars(data)}, metrics=shown, datasets=[data.dataset])
-        card.save(os.path.join(args.output_dir, "README.md"))
-    if push:
-        from rat_hf.hub import push_folder_to_hub
-
-        repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        push_folder_to_hub(args.output_dir, repo, token=args.hub_token, private=bool(args.hub_private_repo))
+    write_card_and_push(trainer.policy, args, recipe="rxt_mrl.py", argv=argv, config={**vars(margs), **vars(data)},
+                        metrics=metrics, datasets=[data.dataset], model_card=data.model_card, push=push)
     per_stage = ", ".join(f"{t} turns: {metrics[f'reward_{t}_turns']:.3f}" for t in sorted(set(args.curriculum)))
     print(f"stage 5 done: greedy reward {metrics['start_reward']:.3f} at the start ({args.curriculum[0]} turns); after "
           f"training {per_stage}; model in {args.output_dir}")

@@ -24,6 +24,7 @@ from transformers import set_seed
 
 from rat_hf.data.interactions import interaction_text
 from rat_hf.recipes._config import parse_args
+from rat_hf.recipes.rxt_stage import ConversationDataArguments, StageModelArguments
 from rat_hf.trainers._rxt_common import finish_stage, load_conversations, load_stage_model, record_turns
 from rat_hf.trainers.rxt_pretrain_config import RxTPretrainConfig
 from rat_hf.trainers.rxt_pretrain_trainer import RxTPretrainTrainer, add_mask_token
@@ -34,17 +35,15 @@ TINY_MODEL = ('{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers"
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(StageModelArguments):
     model_name_or_path: str | None = field(default=None, metadata={"help": "continue from this RxT checkpoint"})
     model_config_overrides: str = field(default=TINY_MODEL, metadata={"help": "RxTConfig fields (JSON) of a fresh RxT"})
     tokenizer_vocab_size: int = field(default=1024, metadata={"help": "BPE trained on the data for a fresh RxT"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
 
 
 @dataclass
-class DataArguments:
+class DataArguments(ConversationDataArguments):
     dataset: str = field(default="offline", metadata={"help": "offline | stdlib | JSON(L) file | Hub dataset"})
-    recall_conversations: int = field(default=2000, metadata={"help": "offline: synthetic memory-recall conversations"})
     max_docs: int | None = field(default=None, metadata={"help": "stdlib: use at most this many documents"})
     seq_len: int = field(default=128, metadata={"help": "tokens per packed training sequence"})
 

@@ -16,11 +16,12 @@ interactions: the decoder's loss on the answer and its EOS only, the encoder's m
 import logging
 import shlex
 import sys
-from dataclasses import dataclass, field
 
 from transformers import set_seed
 
 from rat_hf.recipes._config import parse_args
+from rat_hf.recipes.rxt_stage import ConversationDataArguments as DataArguments
+from rat_hf.recipes.rxt_stage import StageModelArguments as ModelArguments
 from rat_hf.trainers._rxt_common import finish_stage, load_conversations, load_stage_model
 from rat_hf.trainers.rxt_pretrain_trainer import add_mask_token
 from rat_hf.trainers.rxt_sft_config import RxTSFTConfig
@@ -29,24 +30,11 @@ from rat_hf.trainers.rxt_sft_trainer import RxTSFTTrainer
 logger = logging.getLogger("rat_hf.recipes.rxt")
 
 
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "the previous stage's output (required)"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
-
-
-@dataclass
-class DataArguments:
-    dataset: str = field(default="offline", metadata={"help": "offline | JSON(L) file | Hub dataset of conversations"})
-    recall_conversations: int = field(default=2000, metadata={"help": "offline: synthetic memory-recall conversations"})
-
-
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     margs, data, args = parse_args((ModelArguments, DataArguments, RxTSFTConfig), argv, prog="recipes/rxt_sft.py")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not margs.model_name_or_path:
-        raise ValueError("--model_name_or_path is required: the output directory of recipes/rxt_pretrain.py")
+    margs.require_previous_stage("recipes/rxt_pretrain.py")
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once, with the card
 

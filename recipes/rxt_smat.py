@@ -19,15 +19,15 @@ stage 5 (`recipes/rxt_mrl.py`); `--push_to_hub` uploads it.
 
 import json
 import logging
-import math
 import os
-import shlex
 import sys
 from dataclasses import dataclass, field
 
 from transformers import set_seed
 
 from rat_hf.recipes._config import parse_args
+from rat_hf.recipes.rxt_stage import ConversationDataArguments, write_card_and_push
+from rat_hf.recipes.rxt_stage import StageModelArguments as ModelArguments
 from rat_hf.trainers._rxt_common import load_conversations, load_stage_model, plot_log_history
 from rat_hf.trainers.rxt_smat_config import RxTSMATConfig
 from rat_hf.trainers.rxt_smat_trainer import RxTSMATTrainer, recall_accuracy
@@ -36,15 +36,7 @@ logger = logging.getLogger("rat_hf.recipes.rxt")
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "the previous stage's output (required)"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
-
-
-@dataclass
-class DataArguments:
-    dataset: str = field(default="offline", metadata={"help": "offline | JSON(L) file | Hub dataset of conversations"})
-    recall_conversations: int = field(default=2000, metadata={"help": "offline: synthetic memory-recall conversations"})
+class DataArguments(ConversationDataArguments):
     recall_distances: list[int] = field(
         default_factory=lambda: [0, 1, 2, 4], metadata={"help": "offline: distractor turns between fact and question"})
     dialogs: bool = field(default=True, metadata={"help": "offline: include the chatterbot dialogs"})
@@ -69,8 +61,7 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     margs, data, args = parse_args((ModelArguments, DataArguments, RxTSMATConfig), argv, prog="recipes/rxt_smat.py")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not margs.model_name_or_path:
-        raise ValueError("--model_name_or_path is required: the output directory of recipes/rxt_memattn.py")
+    margs.require_previous_stage("recipes/rxt_memattn.py")
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the card
 
@@ -99,18 +90,8 @@ def main(argv=None) -> dict:
         json.dump(metrics, f, indent=2)
     plot_log_history(trainer.state.log_history, os.path.join(args.output_dir, "training.png"),
                      ["loss", "loss/turn_0", "loss/turns_1+", "grad_norm"], "RxT stage 4: memory-aware training")
-    if data.model_card:
-        from rat_hf.hub import model_card
-
-        shown = {k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in metrics.items()}
-        card = model_card(trainer.policy, command=f"python recipes/rxt_smat.py {shlex.join(argv)}",
-                          config={**vars(margs), **vars(data)}, metrics=shown, datasets=[data.dataset])
-        card.save(os.path.join(args.output_dir, "README.md"))
-    if push:
-        from rat_hf.hub import push_folder_to_hub
-
-        repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        push_folder_to_hub(args.output_dir, repo, token=args.hub_token, private=bool(args.hub_private_repo))
+    write_card_and_push(trainer.policy, args, recipe="rxt_smat.py", argv=argv, config={**vars(margs), **vars(data)},
+                        metrics=metrics, datasets=[data.dataset], model_card=data.model_card, push=push)
     recall = ", ".join(f"d={d}: {metrics[f'recall_d{d}']:.2f} (no memory {metrics[f'recall_d{d}_no_memory']:.2f})"
                        for d in data.eval_distances)
     print(f"stage 4 done: recall {recall}; model in {args.output_dir}")

@@ -18,7 +18,6 @@ Next: `recipes/grpo_chat.py --model_name_or_path OUTPUT_DIR/merged`. Shared code
 
 import logging
 import re
-import shlex
 import sys
 
 from transformers import set_seed
@@ -29,9 +28,9 @@ from rat_hf.recipes.chat_common import (
     SFT_ARGUMENTS,
     build_model_and_tokenizer,
     check_model_arguments,
+    finish_run,
     load_conversations,
     message_texts,
-    save_and_push,
     save_base_model,
     sft_dataset,
     sft_trainer_class,
@@ -78,18 +77,10 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     # ---- save, card, push --------------------------------------------------------------------------------------------
-    config = {k: v for k, v in {**vars(margs), **vars(dargs), **vars(sargs)}.items() if v is not None}
-    config.update(learning_rate=args.learning_rate, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
-                  assistant_only_loss=args.assistant_only_loss, max_length=args.max_length)
-    folder = save_and_push(trainer, tokenizer, push=push, method="sft", dataset_label=dataset_label, panels=PANELS,
-                           command=f"python recipes/sft_chat.py {shlex.join(argv)}", config=config,
-                           merge_adapter=sargs.merge_adapter)
-    if trainer.is_world_process_zero():
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        if losses:
-            print(f"SFT: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {trainer.state.global_step} steps; "
-                  f"model in {folder}")
-    trainer.accelerator.end_training()
+    finish_run(trainer, tokenizer, recipe="sft_chat.py", argv=argv, arguments=(margs, dargs, sargs),
+               training_fields=("learning_rate", "max_steps", "num_train_epochs", "assistant_only_loss", "max_length"),
+               method="sft", dataset_label=dataset_label, panels=PANELS, push=push, merge_adapter=sargs.merge_adapter,
+               summary=("loss", "loss"))
     return trainer
 
 

@@ -13,10 +13,12 @@
   LoRA adapter records it as its base, so both load again.
 - Trainer classes: `sft_trainer_class(model)` / `grpo_trainer_class(model)`, the one place that picks them (RAT's
   `gating_mode="reinforce"` needs trainer subclasses to train its selectors under TRL's fused LM head).
-- Data: `sft_dataset` (conversations to imitate), `prompt_dataset` (conversations up to a user turn, to generate from).
-- End of a run: `plot_log_history` (PNG panels from `trainer.state.log_history`) and `save_and_push` (adapter, the
+- Data: `sft_dataset` (conversations to imitate), `prompt_dataset` (conversations up to a user turn, to generate from);
+  rewards: `reward_functions` (by name, the length reward's target bound).
+- End of a run: `plot_log_history` (PNG panels from `trainer.state.log_history`), `save_and_push` (adapter, the
   adapter merged into a full model, tokenizer, model card through `rat_hf.hub` (or TRL's / `trainer_card` for other
-  architectures), `log_history.json`, push; `model=` names the policy when the trainer's model is more than that).
+  architectures), `log_history.json`, push; `model=` names the policy when the trainer's model is more than that)
+  and `finish_run`, the recipes' last section (the card's config, `save_and_push`, a summary line, end of training).
 """
 
 import fnmatch
@@ -25,7 +27,7 @@ import json
 import logging
 import math
 import os
-import sys
+import shlex
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig, ModelConfig, SFTConfig
@@ -296,6 +298,13 @@ def prompt_dataset(conversations, tokenizer, max_prompt_length: int):
                               "quality": [qualities[i] for i in keep]})
 
 
+def reward_functions(names, target_length):
+    """The GRPO/PPO recipes' rewards by name; `length` with `target_length` bound (still logged as length_reward)."""
+    from rat_hf.rewards import get_reward_funcs, length_reward, make_length_reward
+
+    return [make_length_reward(target_length) if f is length_reward else f for f in get_reward_funcs(names)]
+
+
 def message_texts(conversations) -> list:
     """Every turn's text (what a fresh BPE is trained on)."""
     return [t["content"] for messages in conversations["messages"] for t in messages]
@@ -444,4 +453,31 @@ def save_and_push(trainer, tokenizer, *, push: bool, method: str, command: str, 
             api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=args.hub_token)
             repo = api.create_repo(repo, private=bool(args.hub_private_repo), exist_ok=True).repo_id
             api.upload_folder(folder_path=folder, repo_id=repo, ignore_patterns=ignore)
+    return folder
+
+
+def finish_run(trainer, tokenizer, *, recipe: str, argv: list, arguments: tuple, training_fields: tuple, method: str,
+               dataset_label: str, panels: dict, push: bool, merge_adapter: bool, summary: tuple, model=None) -> str:
+    """The end of a chat recipe's `main()`: `save_and_push`, one summary line, `end_training`; returns the folder.
+
+    The card's config: the non-None fields of the recipe's own dataclasses (`arguments`, later ones winning) and the
+    trainer config's `training_fields`; its command `python recipes/{recipe} ARGV`. `summary`: (log key, what it
+    is), printed first -> last on the main process, e.g. `("reward", "mean reward")`.
+    """
+    args = trainer.args
+    merged = {}
+    for dataclass_obj in arguments:
+        merged.update(vars(dataclass_obj))
+    config = {k: v for k, v in merged.items() if v is not None}
+    config.update({k: getattr(args, k) for k in training_fields})
+    folder = save_and_push(trainer, tokenizer, push=push, method=method, dataset_label=dataset_label, panels=panels,
+                           command=f"python recipes/{recipe} {shlex.join(argv)}", config=config,
+                           merge_adapter=merge_adapter, model=model)
+    if trainer.is_world_process_zero():
+        key, what = summary
+        logged = [e[key] for e in trainer.state.log_history if key in e]
+        if logged:
+            print(f"{method.upper()}: {what} {logged[0]:.4f} -> {logged[-1]:.4f} over {trainer.state.global_step} "
+                  f"steps; model in {folder}")
+    trainer.accelerator.end_training()
     return folder
