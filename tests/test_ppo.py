@@ -1,7 +1,8 @@
 """PPO: the tensor functions (GAE per sequence, clipped losses, KL estimators), `PPOTrainer` on tiny RAT and Llama
 models (importance ratio exactly 1 on the first mini-batch, every parameter trained, LoRA reference = adapter-disabled
 base, reward at the last completion token with pad == EOS, the sampling distribution = softmax(logits / T), reward
-functions and models with dataset columns, learning on a learnable reward) and the `recipes/ppo_chat.py` recipe."""
+functions and models with dataset columns, learning on a learnable reward), graph-decoded rollouts (the same tokens
+and run as generate()'s; when `graph_decode` turns them on) and the `recipes/ppo_chat.py` recipe."""
 
 import importlib.util
 import math
@@ -458,3 +459,98 @@ def test_reinforce_gating_selectors_learn_under_ppo(tmp_path):
     assert not unchanged, f"selectors not trained: {unchanged}"
     logs = [h for h in trainer.state.log_history if "gate/policy_loss" in h]
     assert logs and math.isfinite(logs[0]["gate/policy_loss"])
+
+
+# ---- graph-decoded rollouts -------------------------------------------------------------------------------------------
+class SequenceRecordingPPOTrainer(PPOTrainer):
+    """Records every rollout's sampled sequences `[R, P + C0]`."""
+
+    def _generate(self, policy, prompt_ids, prompt_mask):
+        sequences = super()._generate(policy, prompt_ids, prompt_mask)
+        self.sequences.append(sequences.clone())
+        return sequences
+
+
+@pytest.mark.parametrize("arch", ["rat", "llama_lora"])
+def test_graph_decoded_rollouts_are_the_generate_rollouts(tmp_path, monkeypatch, arch):
+    """`graph_decode=True` samples through `graph_generate` (on CPU its static-cache loop, uncaptured) from prompts
+    padded to `max_prompt_length`: under the same seed every rollout has the same tokens as `generate()`'s, so the
+    whole run is the same (parameters equal bit for bit). The policy's own `min_new_tokens=3` is overridden on both
+    paths. Eight more stop tokens make every row of a rollout end before max_new_tokens: the loop must stop at
+    generate()'s step and draw as many samples, else the next rollout would start from another RNG state."""
+    import rat_hf.generation
+
+    from peft import LoraConfig
+
+    calls = []
+
+    def counting_graph_generate(model, input_ids, *args, **kwargs):
+        calls.append(tuple(input_ids.shape))
+        return graph_generate(model, input_ids, *args, **kwargs)
+
+    graph_generate = rat_hf.generation.graph_generate
+    monkeypatch.setattr(rat_hf.generation, "graph_generate", counting_graph_generate)
+    tok = word_tokenizer()
+    stops = [tok.eos_token_id, *tok.convert_tokens_to_ids(WORDS[:8])]
+    runs = {}
+    for graph_decode in (False, True):
+        model = tiny_rat(tok) if arch == "rat" else tiny_llama(tok)
+        model.generation_config.min_new_tokens = 3
+        model.generation_config.eos_token_id = stops
+        # two rollouts of 8 sequences, each one optimizer step of two micro-batches
+        args = ppo_args(tmp_path / str(graph_decode), graph_decode=graph_decode, max_steps=2, num_ppo_epochs=1,
+                        num_mini_batches=1, gradient_accumulation_steps=2, max_new_tokens=12, max_prompt_length=24,
+                        kl_coef=0.05)
+        trainer = SequenceRecordingPPOTrainer(
+            model, length_reward, args=args, train_dataset=chat_dataset(), processing_class=tok,
+            peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM") if arch == "llama_lora" else None)
+        assert trainer.graph_decode is graph_decode
+        trainer.sequences = []
+        trainer.train()
+        runs[graph_decode] = trainer.sequences, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert calls == [(8, 24)] * 2  # both rollouts through graph_generate, at the padded width
+    (plain, plain_params), (graph, graph_params) = runs[False], runs[True]
+    assert len(plain) == len(graph) == 2
+    for a, b in zip(plain, graph):
+        assert torch.equal(a, b)
+    width = _prompt_width(tok)
+    assert all(s.shape[1] - width < 12 for s in plain), [s.shape for s in plain]  # every rollout ended early
+    assert all(torch.equal(graph_params[n], p) for n, p in plain_params.items())
+
+
+def _prompt_width(tok) -> int:
+    """Tokens of the longest chat prompt of `chat_dataset`, as the rollout left-pads them."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in PROMPTS]
+    return max(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
+
+
+def test_graph_decode_is_chosen_by_model_device_and_generation_settings():
+    """None: on for a RAT/Llama policy on CUDA with supported settings, else off; True: on or a one-line error."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rat_hf.trainers.ppo_trainer import choose_graph_decode
+
+    tok = word_tokenizer()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    rat, llama = tiny_rat(tok), tiny_llama(tok)
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    assert choose_graph_decode(None, rat, cuda)[0] and choose_graph_decode(None, llama, cuda)[0]
+    assert not choose_graph_decode(None, rat, cpu)[0]
+    off, why = choose_graph_decode(None, qwen, cuda)
+    assert not off and "'qwen2'" in why
+    assert choose_graph_decode(True, qwen, cuda)[0]  # True tries it
+    assert choose_graph_decode(True, rat, cpu)[0]  # the uncaptured loop
+    assert not choose_graph_decode(False, rat, cuda)[0]
+    suppressing = tiny_rat(tok)
+    suppressing.generation_config.suppress_tokens = [3]  # a logits processor graph decoding does not run
+    off, why = choose_graph_decode(None, suppressing, cuda)
+    assert not off and "suppress_tokens" in why
+    with pytest.raises(ValueError, match=r"graph_decode=True, but .*suppress_tokens") as error:
+        choose_graph_decode(True, suppressing, cuda)
+    assert "\n" not in str(error.value)
+    flash = tiny_rat(tok)
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'"):
+        choose_graph_decode(True, flash, cpu)

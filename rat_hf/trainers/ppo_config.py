@@ -82,6 +82,14 @@ class PPOConfig(TrainingArguments):
     max_prompt_length: int | None = field(
         default=412, metadata={"help": "prompt tokens kept (the last ones); 412 = the seed's max_length 512 minus "
                                        "max_new_tokens. None: no cap"})
+    graph_decode: bool | None = field(
+        default=None, metadata={"help": "sample rollouts through rat_hf.generation.graph_generate (the decode step "
+                                        "replayed from a CUDA graph; same tokens as generate() under the same seed, "
+                                        "about 2x faster on a GPU). None: on for a RAT or Llama policy on CUDA whose "
+                                        "generation settings it supports, else off. True: required (a one-line "
+                                        "error when unsupported; on CPU the same static-cache loop runs uncaptured). "
+                                        "Prompts are then left-padded to max_prompt_length (or a multiple of 64) "
+                                        "so every rollout has one shape: one capture (and compile), replayed"})
     # ---- TrainingArguments defaults that differ for RL --------------------------------------------------------------
     learning_rate: float = field(
         default=1e-5, metadata={"help": "AdamW's learning rate: full fine-tuning leaves the clip region within one "

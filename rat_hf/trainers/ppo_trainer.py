@@ -21,6 +21,9 @@ trunk is run per token), or, when none is given, a value head on the policy's tr
 sequence-classification copy of the policy. Policy and value function are wrapped in one module
 (`PolicyAndValueModel`) so that one optimizer, one DDP wrapper and one backward cover both.
 
+Rollouts sample with `generate()`, or with `rat_hf.generation.graph_generate` (`PPOConfig.graph_decode`; by default
+on for a RAT or Llama policy on CUDA): the same tokens under the same seed, the decode step replayed from a CUDA graph.
+
 Conventions: completion token t is an action; its log-prob comes from the logits at the position before it, divided by
 the sampling temperature (rollout and updates alike, and generation samples with no top-k/top-p so that this is the
 distribution the token was drawn from). The completion ends at its first EOS (included, it carries the score) — the
@@ -50,6 +53,7 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
@@ -68,6 +72,18 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 # Float attributes that modules read as a dropout probability in forward (Llama's and RAT's attention); nn.Dropout
 # modules are handled by type.
 DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_p")
+# graph_decode=None turns graph decoding on for these policies only: the ones it was checked on, token for token, on
+# the GPU (bench/graph_decode_notes.md); graph_decode=True tries any other
+GRAPH_DECODE_MODEL_TYPES = ("rat", "llama")
+# without max_prompt_length, graph-decoded prompts are left-padded to a multiple of this: few shapes, few captures
+GRAPH_PROMPT_MULTIPLE = 64
+# a policy's own generation_config may set these (PPO overrides them, or they add no logits processor); any other
+# field would add a processor or criterion graph decoding does not run
+_NEUTRAL_GENERATION_FIELDS = {
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p",
+    "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "min_length",
+    "num_beams", "eos_token_id", "pad_token_id", "bos_token_id", "use_cache", "output_attentions",
+    "output_hidden_states", "_from_model_config", "transformers_version"}
 
 
 def is_peft_model(model) -> bool:
@@ -104,6 +120,48 @@ def causal_lm_forward(model, input_ids, attention_mask, position_ids, num_comple
         kwargs["logits_to_keep"] = num_completion_tokens + 1
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                  **kwargs)
+
+
+def graph_decode_problem(policy) -> str | None:
+    """Why `rat_hf.generation.graph_generate` cannot sample `policy`'s rollouts as `generate()` would; None: it can.
+    (The decode loop refuses anything else it meets in one line, at the first rollout.)"""
+    base = policy.get_base_model() if is_peft_model(policy) else policy
+    if is_peft_model(policy) and policy.active_peft_config.is_prompt_learning:
+        return "a prompt-learning adapter (its virtual tokens are added by PeftModel.generate)"
+    config = base.config
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    attn = getattr(config, "_attn_implementation", None)
+    if attn not in ("sdpa", "eager"):
+        return f"attn_implementation={attn!r} (graph decoding builds sdpa/eager masks)"
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward takes no position_ids"
+    extra = sorted(set(base.generation_config.to_diff_dict()) - _NEUTRAL_GENERATION_FIELDS)
+    if extra:
+        return f"the policy's generation_config sets {extra} (logits processors graph decoding does not run)"
+    return None
+
+
+def choose_graph_decode(graph_decode: bool | None, policy, device: torch.device) -> tuple[bool, str]:
+    """`PPOConfig.graph_decode` -> (use graph decoding, why). None: on for a policy of `GRAPH_DECODE_MODEL_TYPES` on
+    CUDA that `graph_decode_problem` finds nothing against; True: on, or a one-line ValueError naming the problem."""
+    problem = graph_decode_problem(policy)
+    if graph_decode:
+        if problem:
+            raise ValueError(f"PPOConfig.graph_decode=True, but graph decoding cannot sample this policy: {problem}")
+        return True, "graph_decode=True" + ("" if device.type == "cuda" else " (not on CUDA: the loop runs uncaptured)")
+    if graph_decode is not None:
+        return False, "graph_decode=False"
+    base = policy.get_base_model() if is_peft_model(policy) else policy
+    model_type = getattr(base.config, "model_type", None)
+    if device.type != "cuda":
+        return False, f"graph_decode=None and the device is {device.type}, not CUDA"
+    if model_type not in GRAPH_DECODE_MODEL_TYPES:
+        return False, (f"graph_decode=None and model_type {model_type!r} is not one of {GRAPH_DECODE_MODEL_TYPES} "
+                       "(graph_decode=True tries it)")
+    if problem:
+        return False, f"graph_decode=None and {problem}"
+    return True, f"graph_decode=None: a {model_type} policy on CUDA"
 
 
 def completion_logits(outputs, num_completion_tokens: int, temperature: float) -> torch.Tensor:
@@ -345,7 +403,7 @@ class PPOTrainer(Trainer):
         for f in self.reward_funcs:
             if isinstance(f, nn.Module):
                 f.to(device)
-        self.generation_config = GenerationConfig(
+        sampling = dict(
             max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
             # explicit neutral values: a model's own generation_config must not add a warper (top-k 50, top-p, ...)
             # that would make the sampling distribution differ from softmax(logits / temperature)
@@ -353,6 +411,12 @@ class PPOTrainer(Trainer):
             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1,
             eos_token_id=self._stop_token_ids, pad_token_id=processing_class.pad_token_id, use_cache=True,
         )
+        self.generation_config = GenerationConfig(**sampling)
+        # graph decoding gets them as keyword arguments, which override the model's own values even when None:
+        # min_new_tokens=0 would become a (no-op) MinLengthLogitsProcessor, which graph decoding refuses
+        self._graph_sampling = {**sampling, "min_new_tokens": None, "min_length": 0}
+        self.graph_decode, why = choose_graph_decode(args.graph_decode, policy, device)
+        logger.info("PPO rollouts: %s (%s)", "graph-decoded" if self.graph_decode else "generate()", why)
         self._rollout_index, self._micro_batches = None, []
         self._step_seen, self._micro = -1, 0
         self._metrics = defaultdict(list)
@@ -433,8 +497,7 @@ class PPOTrainer(Trainer):
         prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
         if args.max_prompt_length is not None:  # keep the end of a long prompt (the turn being answered)
             prompt_ids, prompt_mask = prompt_ids[:, -args.max_prompt_length:], prompt_mask[:, -args.max_prompt_length:]
-        sequences = wrapper.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                            generation_config=self.generation_config)
+        sequences = self._generate(wrapper.policy, prompt_ids, prompt_mask)
         completion_ids = sequences[:, prompt_ids.shape[1]:]  # [R, C0]
 
         # the completion: up to and including its first stop token, or all max_new_tokens of it
@@ -503,6 +566,26 @@ class PPOTrainer(Trainer):
         size = args.per_device_train_batch_size
         return [{**{k: v[order[i:i + size].to(device)] for k, v in tensors.items()},
                  "num_completion_tokens": num_tokens} for order in orders for i in range(0, n, size)]
+
+    def _generate(self, policy, prompt_ids, prompt_mask) -> torch.Tensor:
+        """`[R, P + C0]` sampled sequences of the left-padded prompts `[R, P]`: `generate()`, or (`graph_decode`)
+        `graph_generate` on prompts left-padded further to one width for the whole run (max_prompt_length, else the
+        next multiple of GRAPH_PROMPT_MULTIPLE), so that its captured (and compiled) step is replayed rollout after
+        rollout; the extra columns are cut off again. EOS is checked after every step, as generate() does, so the
+        loop stops at the same step and draws as many samples: the RNG stream, hence the run, stays generate()'s."""
+        if not self.graph_decode:
+            return policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                   generation_config=self.generation_config)
+        from ..generation import graph_generate
+
+        width = self.args.max_prompt_length or -(-prompt_ids.shape[1] // GRAPH_PROMPT_MULTIPLE) * GRAPH_PROMPT_MULTIPLE
+        extra = width - prompt_ids.shape[1]  # >= 0: prompts were cut to max_prompt_length
+        padded_ids = F.pad(prompt_ids, (extra, 0), value=self.processing_class.pad_token_id)
+        padded_mask = F.pad(prompt_mask, (extra, 0), value=0)
+        model = policy.get_base_model() if is_peft_model(policy) else policy  # LoRA layers sit inside the base
+        sequences = graph_generate(model, padded_ids, padded_mask, cuda_graph=padded_ids.device.type == "cuda",
+                                   check_every=1, **self._graph_sampling)
+        return sequences[:, extra:]
 
     def _score(self, inputs: list, prompts: list, completion_ids, completion_mask) -> torch.Tensor:
         """Weighted sum over the reward functions (TRL's call convention) -> `[R]` scores."""
