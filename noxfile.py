@@ -21,7 +21,7 @@ OLDEST = ["transformers==5.17.0", "huggingface_hub==1.33.0"]
 # configs, the Hub round trip and the CLI self-check
 OLDEST_TESTS = ["tests/test_rat.py", "tests/test_rxt.py", "tests/test_rxt_session.py", "tests/test_configs.py",
                 "tests/test_hub.py", "tests/test_tokenization.py", "tests/test_cli.py", "tests/test_chat_cli.py",
-                "tests/test_graph_decode.py", "tests/test_gating.py"]
+                "tests/test_graph_decode.py", "tests/test_gating.py", "tests/test_rat_fast_paths.py"]
 
 
 @nox.session
