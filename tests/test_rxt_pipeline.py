@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("datasets")
 from rat_hf.recipes.rxt_pipeline import REPO_ROOT, STAGES, main, parse_pipeline, run_pipeline, stage_argv  # noqa: E402
 
-# The recall check runs the preset exactly as documented (~7 minutes on 2 cores): opt in with RAT_HF_SLOW_TESTS=1.
+# The recall check runs the preset exactly as documented (5-7 minutes on 2 cores): opt in with RAT_HF_SLOW_TESTS=1.
 # By default the pipeline's mechanics run with a few steps per stage and the recall check is skipped (visibly).
 SLOW = os.environ.get("RAT_HF_SLOW_TESTS") == "1"
 QUIET = [x for s in STAGES for x in ("--set", f"{s}.disable_tqdm=true")]
@@ -53,7 +53,7 @@ def test_the_tiny_pipeline_runs_every_stage_in_order_and_records_wall_times(pipe
     assert written["missing"] == []
 
 
-@pytest.mark.skipif(not SLOW, reason="runs the preset as documented (~7 minutes): set RAT_HF_SLOW_TESTS=1")
+@pytest.mark.skipif(not SLOW, reason="runs the preset as documented (5-7 minutes): set RAT_HF_SLOW_TESTS=1")
 def test_the_result_remembers_a_fact_across_turns_in_a_session(pipeline):
     """Held-out memory-recall episodes at distance 1 (fact, one distractor, question): told through
     `ReactiveSession.remember` and asked with `interact`, recall is above chance and drops with the memory reset;
