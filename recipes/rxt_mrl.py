@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 
 from transformers import set_seed
 
+from rat_hf.data import mrl_recall_dataset
 from rat_hf.recipes._config import parse_args
 from rat_hf.recipes.rxt_stage import ConversationDataArguments, write_card_and_push
 from rat_hf.recipes.rxt_stage import StageModelArguments as ModelArguments
 from rat_hf.trainers._rxt_common import load_conversations, load_stage_model, plot_log_history
 from rat_hf.trainers.rxt_mrl_config import RxTMRLConfig
-from rat_hf.trainers.rxt_mrl_trainer import RxTMRLTrainer, mrl_recall_dataset
+from rat_hf.trainers.rxt_mrl_trainer import RxTMRLTrainer
 
 logger = logging.getLogger("rat_hf.recipes.rxt")
 

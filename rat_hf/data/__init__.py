@@ -17,9 +17,11 @@ from .corpora import (
     split_documents,
 )
 from .interactions import (
+    MRL_STRATEGIES,
     interaction_text,
     load_interactions,
     memory_recall_dataset,
+    mrl_recall_dataset,
     normalize_interaction,
     tokenize_interaction,
     turns,
@@ -29,6 +31,7 @@ from .rlm import RandomLanguageModel, RLMStream
 
 __all__ = [
     "EVAL_FRACTION",
+    "MRL_STRATEGIES",
     "RLMStream",
     "RandomLanguageModel",
     "cache_dir",
@@ -42,6 +45,7 @@ __all__ = [
     "held_out",
     "load_text_dataset",
     "memory_recall_dataset",
+    "mrl_recall_dataset",
     "normalize_interaction",
     "pack_for_causal_lm",
     "split_documents",
