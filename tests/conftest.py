@@ -25,6 +25,18 @@ def pytest_sessionstart(session):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: these models are tiny, so a second thread on a busy 2-core machine only adds
+    synchronisation (several times slower). Files use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def hub_server():
     """A test-only loopback Hub (tests/hub_server.py) with a random token; stopped at teardown."""
     from hub_server import HubServer

@@ -40,12 +40,7 @@ def saved(tmp_path_factory):
     return {"rat": str(root / "rat"), "rxt": str(root / "rxt"), "tokenizer": tokenizer, "root": root}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def chat(capsys, monkeypatch, stdin: str, *argv) -> tuple[int, str, str]:

@@ -18,14 +18,7 @@ SFT_TINY = str(ROOT / "recipes/configs/sft_chat_tiny.yaml")
 GRPO_TINY = str(ROOT / "recipes/configs/grpo_chat_tiny.yaml")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation (several times slower on a busy
-    2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def load_recipe(name: str):

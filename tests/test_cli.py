@@ -44,13 +44,7 @@ def saved(tmp_path_factory):
             "empty": str(root / "empty"), "tokenizer": tokenizer}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and never wait on a busy sibling)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
