@@ -148,7 +148,8 @@ def rat_config(variant: str, a, vocab: int, max_pos: int) -> RatConfig:
     try:
         return RatConfig(**{**_common(a, vocab, max_pos), "n_policies": a.policies, **overrides})
     except ValueError as err:
-        raise ValueError(f"variant {variant!r} needs RatConfig({', '.join(f'{k}={v!r}' for k, v in overrides.items())}),"
+        switches = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        raise ValueError(f"variant {variant!r} needs RatConfig({switches}),"
                          f" which this rat_hf refuses: {err}") from err
 
 
@@ -384,7 +385,7 @@ class TextTask:
         return scores
 
 
-# ---- planning, running, summarising -----------------------------------------------------------------------------------
+# ---- planning, running, summarising ---------------------------------------------------------------------------------
 def probe(task, variants, a, device) -> dict:
     """Seconds per training step of each variant on the task's batch shape (after warm-up steps)."""
     out = {}
@@ -627,7 +628,8 @@ def main(argv=None) -> dict:
 
     def fail(task: str, variant: str, seed, err: Exception) -> None:
         traceback.print_exc()
-        record["failed"].append({"task": task, "variant": variant, "seed": seed, "error": f"{type(err).__name__}: {err}"})
+        record["failed"].append({"task": task, "variant": variant, "seed": seed,
+                                 "error": f"{type(err).__name__}: {err}"})
         if torch.device(a.device).type == "cuda":
             torch.cuda.empty_cache()
 
@@ -676,7 +678,8 @@ def main(argv=None) -> dict:
             seconds["rlm"] = seconds.get("rlm", 0.0) + unused
         plans[task.name] = (task, seeds, steps, step_s)
         record["plan"][task.name] = {"probe_step_s": step_s, "seconds": round(seconds[task.name], 1),
-                                     "steps": steps, "seeds": seeds, "tokens_per_run": steps * task.batch * task.max_pos}
+                                     "steps": steps, "seeds": seeds,
+                                     "tokens_per_run": steps * task.batch * task.max_pos}
         print(f"[{task.name}] probe s/step {json.dumps({k: round(v, 4) for k, v in step_s.items()})} -> {steps} steps "
               f"x {task.batch * task.max_pos} tokens per run", flush=True)
     tasks = [plans[t.name] for t, _ in probed]  # run in the order asked

@@ -16,13 +16,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 import rat_ablation  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny models: one thread is faster than two on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on a busy machine
 
 
 def _empirical_joints(x: torch.Tensor, vocab: int) -> torch.Tensor:
