@@ -26,7 +26,7 @@ from rat_hf.compat import (
 )
 from rat_hf.tokenization import train_bpe_tokenizer
 
-from test_cli import one_thread  # noqa: F401  (autouse: tiny models run on one thread)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run on one thread
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=4, n_policies=3, max_seq_len=128)
 
