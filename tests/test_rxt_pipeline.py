@@ -87,11 +87,11 @@ def test_the_result_remembers_a_fact_across_turns_in_a_session(pipeline):
         hits["chat"] += chat.generate_response(question).strip() == answer
     recall = {k: v / len(episodes) for k, v in hits.items()}
     # chance: the best memoryless guess per attribute (1 in 10 for color/city/pet, 1 in 99 number, 1 in 9000 code)
-    # averages ~0.06 over the five attributes. Measured with the preset: 0.133 with the memory, 0.008 reset,
-    # 0.133 through the chat interface.
-    assert recall["memory"] >= 0.08, recall
-    assert recall["memory"] >= recall["reset"] + 0.06, recall
-    assert recall["chat"] >= 0.08, recall
+    # averages ~0.06 over the five attributes. Measured with the preset: 0.342 with the memory, 0.033 reset,
+    # 0.308 through the chat interface.
+    assert recall["memory"] >= 0.2, recall
+    assert recall["memory"] >= recall["reset"] + 0.15, recall
+    assert recall["chat"] >= 0.2, recall
 
 
 def test_a_missing_recipe_is_skipped_loudly_and_the_exit_status_says_so(tmp_path, capsys, pipeline):
