@@ -134,7 +134,8 @@ def test_registry():
     assert funcs == [quality_reward, length_reward, format_reward, len]
     assert get_reward_funcs("diversity, keyword") == [diversity_reward, keyword_reward]
     assert get_reward_funcs(format_reward) == [format_reward]
-    for bad, match in (("bleuu", "unknown reward 'bleuu'; known: diversity, format, keyword, length, quality"),
+    known = "bleu_to_reference, bleu_to_saved, diversity, exact_match, format, keyword, length, length_ratio, quality"
+    for bad, match in (("bleuu", f"unknown reward 'bleuu'; known: {known}"),
                        ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
                        ("rat_hf.rewards:nope", "has no callable 'nope'"), ([], "one or more"), ([3], "got 3")):
         with pytest.raises(ValueError, match=match) as info:
