@@ -24,7 +24,7 @@ def pytest_sessionstart(session):
         reporter.write_line(versions_line())
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: these models are tiny, so a second thread on a busy 2-core machine only adds
     synchronisation (several times slower). Files use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""

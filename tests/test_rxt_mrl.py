@@ -21,7 +21,9 @@ from rat_hf.trainers.rxt_mrl_trainer import RxTMRLTrainer, episode_plan, mrl_rec
 from rat_hf.trainers.rxt_smat_trainer import RxTSMATTrainer, component_of
 
 from test_rxt_smat import arguments as smat_arguments
-from test_rxt_smat import color_recall, new_model, one_thread, recall_tokenizer, snapshot  # noqa: F401 (fixture)
+from test_rxt_smat import color_recall, new_model, recall_tokenizer, snapshot
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ FAST = [] if SLOW else [
     "--set", "mrl.curriculum_steps=[1,1]", "--set", "mrl.recall_conversations=16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a loaded CI machine does not thrash)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

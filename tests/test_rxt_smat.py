@@ -31,13 +31,7 @@ SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a loaded CI machine does not thrash)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def color_recall(n: int, distances, seed: int, strategy: str | None = None):
