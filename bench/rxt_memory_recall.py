@@ -1,6 +1,6 @@
 """Memory-recall benchmark of the Reactive Transformer curriculum (issue 10).
 
-    python bench/rxt_memory_recall.py                       # GPU: one H200, ~7 minutes (--time_budget_s 430)
+    python bench/rxt_memory_recall.py                       # GPU: one H200, 8 minutes (--time_budget_s 555)
     python bench/rxt_memory_recall.py --smoke               # CPU, 1-2 minutes: tiny everything, numbers not meaningful
 
 Trains a small RxT through the whole curriculum (`rat_hf.recipes.rxt_pipeline`: pretrain -> sft -> memattn -> smat ->
@@ -27,8 +27,10 @@ rewritten after every part (`complete: false` until the end), so a run cut off b
 its rows.
 
 Output: `bench/results/rxt_memory_recall.json` (`device`, `date`, `command`, `rows: [{"model", "distance",
-"accuracy"}]`, `chance`, `stage_wall_s`, `smat_steps_reached`, `mrl`, parameter counts, settings); `--smoke` writes
-`rxt_memory_recall_smoke.json` unless `--out` says otherwise. Needs `datasets` (the recipes' data) and matplotlib.
+"accuracy"}]`, `chance`, `stage_wall_s`, `smat_steps_reached`, `mrl`, parameter counts, settings, the accuracy per
+asked attribute and a few wrong answers per model and distance) and SMAT's loss curve beside it
+(`rxt_memory_recall_smat_training.png`); `--smoke` writes `rxt_memory_recall_smoke.json` unless `--out` says
+otherwise. Needs `datasets` (the recipes' data) and matplotlib.
 """
 
 import argparse
@@ -56,7 +58,7 @@ def settings(smoke: bool, device: str, budget_s: float) -> dict:
     names and values stay split. Measured on CPU with a 64-wide RxT, 400 SMAT steps of 32 episodes: distance-1 recall
     0.48-0.62 with such a tokenizer, 0.00 with 1,024 pieces, 0.02-0.08 with 400 pieces trained on the dialogs and
     only 200 recall conversations (near-character pieces). SMAT (stage 4) does the teaching: 256 episodes a step,
-    grouped by their number of turns, for what the time budget leaves (`max_train_seconds`; ~3 steps/s on an H200);
+    grouped by their number of turns, for what the time budget leaves (`max_train_seconds`; 3.6 steps/s on an H200);
     the Llama gets the steps SMAT reached. MRL: a short curriculum (2 then 4 turns) at lr 3e-4; its reward curves vs
     PPO-with-critic are the point. Smoke: a 32-wide RxT and a handful of steps (mechanics only).
     """
@@ -148,14 +150,14 @@ def train_llama(tokenizer, rxt_config, records, steps: int, batch: int, lr: floa
 
 
 @torch.no_grad()
-def llama_recall(model, tokenizer, records, batch_size: int = 32) -> float:
-    """Exact match of the last answer, greedy, prompted with the full history and the question."""
+def llama_answers(model, tokenizer, records, batch_size: int = 32) -> list[str]:
+    """The greedy answer (stripped) to the last question, prompted with the full history and the question."""
     from rat_hf.data.interactions import interaction_text, tokenize_interaction, turns
 
     model.eval()
     device = next(model.parameters()).device
     eos, pad = model.config.eos_token_id, model.config.pad_token_id
-    correct = 0
+    answers = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         prompts = []
@@ -170,9 +172,29 @@ def llama_recall(model, tokenizer, records, batch_size: int = 32) -> float:
             ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=12,
                              do_sample=False, eos_token_id=eos, pad_token_id=pad)
-        answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        correct += sum(a.strip() == turns(r)[-1][1].strip() for a, r in zip(answers, batch))
-    return correct / max(len(records), 1)
+        answers += [a.strip() for a in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+    return answers
+
+
+def asked_attribute(record) -> str:
+    """Which attribute the record's last question asks for ("favorite color", "locker code", ...)."""
+    from rat_hf.data.interactions import _VALUES
+
+    return next(a for a in _VALUES if record["interactions"][-1]["query"].endswith(f"'s {a}?"))
+
+
+def score(result: dict, model: str, k: int, records, answers: list[str]) -> None:
+    """Append the accuracy row of (model, k), its accuracy per asked attribute, and a few wrong answers."""
+    right = [a == r["interactions"][-1]["answer"].strip() for a, r in zip(answers, records)]
+    result["rows"].append({"model": model, "distance": k, "accuracy": sum(right) / max(len(right), 1)})
+    by = {}
+    for ok, r in zip(right, records):
+        by.setdefault(asked_attribute(r), []).append(ok)
+    result.setdefault("accuracy_by_attribute", {}).setdefault(model, {})[str(k)] = {
+        a: round(sum(v) / len(v), 3) for a, v in sorted(by.items())}
+    wrong = [{"expected": r["interactions"][-1]["answer"], "got": a} for a, r, ok in zip(answers, records, right)
+             if not ok]
+    result.setdefault("wrong_answers", {}).setdefault(model, {})[str(k)] = wrong[:6]
 
 
 def chance_level(records) -> float:
@@ -185,8 +207,7 @@ def chance_level(records) -> float:
 
     rng = random.Random(0)
     best = {a: Counter(draw(rng) for _ in range(20_000)).most_common(1)[0][1] / 20_000 for a, draw in _VALUES.items()}
-    asked = [next(a for a in _VALUES if r["interactions"][-1]["query"].endswith(f"'s {a}?")) for r in records]
-    return sum(best[a] for a in asked) / max(len(records), 1)
+    return sum(best[asked_attribute(r)] for r in records) / max(len(records), 1)
 
 
 def plot_mrl(curves: dict, path: Path, boundaries=()) -> None:
@@ -211,6 +232,23 @@ def plot_mrl(curves: dict, path: Path, boundaries=()) -> None:
     plt.close(fig)
 
 
+def plot_smat(losses: list, path: Path) -> None:
+    """SMAT's training loss (answers + EOS of every turn) against the optimizer step, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(*zip(*losses), marker=".")
+    ax.set(xlabel="optimizer step (256 episodes)", ylabel="training loss", yscale="log",
+           title="RxT SMAT (stage 4) on memory-recall episodes")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def load_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -221,7 +259,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--work", default=None, help="checkpoints (default outputs/bench_rxt_memory_recall[_smoke])")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/rxt_memory_recall[_smoke].json)")
-    p.add_argument("--time_budget_s", type=float, default=430.0,
+    p.add_argument("--time_budget_s", type=float, default=555.0,
                    help="the whole run's wall-time target: SMAT trains for what the other parts leave of it, the "
                         "optional parts (Llama, the critic rerun) are skipped when the budget is spent; the JSON is "
                         "rewritten after every part, so a run cut off still leaves its rows")
@@ -273,6 +311,10 @@ def main(argv=None) -> dict:
     smat_steps = int(smat_state.get("global_step") or s["smat"])
     result.update(stage_wall_s=stage_wall, smat_steps_reached=smat_steps,
                   smat_loss=[(h["step"], h["loss"]) for h in smat_state.get("log_history", []) if "loss" in h])
+    if result["smat_loss"]:
+        smat_png = out.with_name(out.stem + "_smat_training.png")
+        plot_smat(result["smat_loss"], smat_png)
+        result["smat_training_png"] = str(smat_png)
     mrl_logs = {"group": load_json(work / "mrl" / "mrl.json")}
     result["mrl"] = {"group": mrl_logs["group"].get("metrics")}
     write()
@@ -282,7 +324,7 @@ def main(argv=None) -> dict:
 
     from rat_hf.data import memory_recall_dataset
     from rat_hf.models.rxt import RxTForCausalLM
-    from rat_hf.trainers import recall_accuracy
+    from rat_hf.trainers import recall_answers
 
     tokenizer = AutoTokenizer.from_pretrained(summary["final_model"])
     held_out = {k: list(memory_recall_dataset(s["n_eval"], k, seed=50_000 + k)) for k in DISTANCES}
@@ -292,10 +334,9 @@ def main(argv=None) -> dict:
     for label, path in (("rxt_after_smat", work / "smat"), ("rxt", Path(summary["final_model"]))):
         rxt = RxTForCausalLM.from_pretrained(path).to(a.device)
         for k, records in held_out.items():
-            result["rows"].append({"model": label, "distance": k, "accuracy": recall_accuracy(rxt, tokenizer, records)})
+            score(result, label, k, records, recall_answers(rxt, tokenizer, records))
             if label == "rxt":
-                result["rows"].append({"model": "no_memory", "distance": k,
-                                       "accuracy": recall_accuracy(rxt, tokenizer, records, memory_reset=True)})
+                score(result, "no_memory", k, records, recall_answers(rxt, tokenizer, records, memory_reset=True))
     stage_wall["eval_rxt"] = round(time.perf_counter() - start, 2)
     result["parameters"] = {"rxt": rxt.num_parameters()}
     write()
@@ -308,8 +349,7 @@ def main(argv=None) -> dict:
         llama = train_llama(tokenizer, rxt.config, train_records, smat_steps, s["batch"], s["lr"], a.device, work)
         stage_wall["llama_full_history"] = round(time.perf_counter() - start, 2)
         for k, records in held_out.items():
-            result["rows"].append({"model": "llama_full_history", "distance": k,
-                                   "accuracy": llama_recall(llama, tokenizer, records)})
+            score(result, "llama_full_history", k, records, llama_answers(llama, tokenizer, records))
         result["parameters"]["llama_full_history"] = llama.num_parameters()
         result["llama_steps"] = smat_steps
     else:

@@ -9,7 +9,7 @@ The RxT curriculum, one config/trainer pair per stage (`rat_hf.trainers.rxt_<sta
     1 joint LM pre-training            RxTPretrainConfig / RxTPretrainTrainer (RxTJointCollator, add_mask_token)
     2 interaction SFT                  RxTSFTConfig / RxTSFTTrainer
     3 memory-attention pre-training    RxTMemAttnConfig / RxTMemAttnTrainer (memory_targets)
-    4 supervised memory-aware training RxTSMATConfig / RxTSMATTrainer (recall_accuracy)
+    4 supervised memory-aware training RxTSMATConfig / RxTSMATTrainer (recall_accuracy, recall_answers)
     5 memory reinforcement learning    RxTMRLConfig / RxTMRLTrainer (group-relative or PPO with a critic)
 """
 
@@ -35,6 +35,7 @@ _RXT = {
     "RxTSMATConfig": "rxt_smat_config",
     "RxTSMATTrainer": "rxt_smat_trainer",
     "recall_accuracy": "rxt_smat_trainer",
+    "recall_answers": "rxt_smat_trainer",
     "RxTMRLConfig": "rxt_mrl_config",
     "RxTMRLTrainer": "rxt_mrl_trainer",
 }

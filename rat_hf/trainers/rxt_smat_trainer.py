@@ -449,13 +449,24 @@ def recall_accuracy(model, tokenizer, records, batch_size: int = 32, max_new_tok
     The earlier turns are written with their reference answers (what the conversation said), the last query is
     answered by `generate(..., memory=...)`, and the decoded answer (special tokens skipped, stripped) is compared with
     the record's last answer. `memory_reset=True` answers from the initial memory instead (the no-memory control).
+    The answers themselves: `recall_answers`.
     """
+    rows = [record_turns(r, f"records[{i}]") for i, r in enumerate(records)]
+    answers = recall_answers(model, tokenizer, records, batch_size, max_new_tokens, memory_reset)
+    return sum(a == t[-1][1].strip() for a, t in zip(answers, rows)) / max(len(rows), 1)
+
+
+@torch.no_grad()
+def recall_answers(model, tokenizer, records, batch_size: int = 32, max_new_tokens: int = 16,
+                   memory_reset: bool = False) -> list[str]:
+    """The model's greedy answer (decoded, special tokens skipped, stripped) to the last query of each record, from the
+    memory of the turns before it (written with their reference answers; `memory_reset=True`: the initial memory)."""
     model_was_training = model.training
     model.eval()
     config = model.config
     eos, pad = config.eos_token_id, config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     rows = [record_turns(r, f"records[{i}]") for i, r in enumerate(records)]
-    correct = 0
+    answers = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         device = next(model.parameters()).device
@@ -470,10 +481,9 @@ def recall_accuracy(model, tokenizer, records, batch_size: int = 32, max_new_tok
         ids, mask = _pad(prompts, pad, left=True, device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, memory=memory, max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos, pad_token_id=pad)
-        answers = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        correct += sum(a.strip() == t[-1][1].strip() for a, t in zip(answers, batch))
+        answers += [a.strip() for a in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
     model.train(model_was_training)
-    return correct / max(len(rows), 1)
+    return answers
 
 
 def _pad(rows: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,4 +499,5 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.
 
 
 __all__ = ["RxTEpisodeCollator", "RxTEpisodeModule", "RxTEpisodeTrainer", "RxTSMATModule", "RxTSMATTrainer",
-           "causal_lm", "component_of", "recall_accuracy", "tokenize_episode"]
+           "causal_lm", "component_of", "recall_accuracy", "recall_answers",
+           "tokenize_episode"]
