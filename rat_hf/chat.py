@@ -28,6 +28,7 @@ import torch
 
 from .data._checks import decode_utf8_line
 from .data.chat import parse_chat_record
+from .data.interactions import interaction_prompt_ids
 from .reactive import ReactiveSession
 from .tokenization.special_tokens import CHAT_TEMPLATE
 
@@ -143,8 +144,7 @@ class ChatInterface:
     def _prompt(self, text: str) -> tuple[list[int], int]:
         """The ids the model reads to answer `text` next, and how many old turns were left out to fit max_length."""
         if self.is_reactive:
-            ids = [self.session.query_token_id, *self.tokenizer(text, add_special_tokens=False)["input_ids"],
-                   self.session.answer_token_id]
+            ids = interaction_prompt_ids(self.tokenizer, text)  # `[Q] text [A]` as the curriculum trained on it
             if len(ids) > self.max_length:
                 raise ValueError(f"the message is {len(ids)} tokens with [Q]/[A], more than max_length="
                                  f"{self.max_length}")

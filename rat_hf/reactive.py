@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from .data.interactions import interaction_prompt_ids, tokenize_interaction
 from .tokenization.special_tokens import check_tokenizer_matches
 
 
@@ -124,8 +125,7 @@ class ReactiveSession:
     def interact(self, query: str | Sequence[str], **generate_kwargs) -> str | list[str]:
         """Answer `query` (a list of `batch_size` queries for batched sessions) and schedule the memory update."""
         queries = self._as_batch(query)
-        ids = [self.tokenizer(q, add_special_tokens=False)["input_ids"] for q in queries]
-        answers = [self._decode(a) for a in self.interact_ids(ids, **generate_kwargs)]
+        answers = [self._decode(a) for a in self.interact_ids([self._query_ids(q) for q in queries], **generate_kwargs)]
         return answers[0] if isinstance(query, str) else answers
 
     def interact_stream(self, query: str, **generate_kwargs) -> Iterator[str]:
@@ -135,7 +135,7 @@ class ReactiveSession:
         if self.batch_size != 1:
             raise ValueError("ReactiveSession.interact_stream streams one conversation; use interact for batches")
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        ids = [self.tokenizer(query, add_special_tokens=False)["input_ids"]]
+        ids = [self._query_ids(query)]
         result, failure = [], []
 
         def run():
@@ -155,6 +155,8 @@ class ReactiveSession:
     def interact_ids(self, query_ids: Sequence[Sequence[int]], **generate_kwargs) -> list[list[int]]:
         """Token-level turn: `batch_size` queries (ids without `[Q]`/`[A]`) in, the answers' ids (no EOS) out.
 
+        The model reads `[Q] *ids [A]`. A model trained by the curriculum expects the ids of
+        `interaction_prompt_ids(tokenizer, query)[1:-1]` (what `interact` passes): the query with the spaces around it.
         Turns from several threads run one after another, each reading the memory the previous one wrote.
         """
         with self._lock:
@@ -163,14 +165,13 @@ class ReactiveSession:
     def remember(self, query: str, answer: str) -> None:
         """Fold in a finished interaction this session did not generate (restoring a saved chat, seeding a fact).
 
-        The memory is updated with `[Q] query [A] answer [EOS]`, exactly what a live turn encodes after answering.
+        The memory is updated with `[Q] query [A] answer [EOS]` tokenized as the curriculum writes a finished turn
+        (`rat_hf.data.interactions.tokenize_interaction`), which is what a live turn encodes after answering.
         """
         if self.batch_size != 1:
             raise ValueError(f"ReactiveSession.remember: takes one interaction; this session holds {self.batch_size}")
         query, answer = self._as_batch(query)[0], self._as_batch(answer)[0]
-        query_ids = self.tokenizer(query, add_special_tokens=False)["input_ids"]
-        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        row = [self.query_token_id, *query_ids, self.answer_token_id, *answer_ids, self.eos_token_id]
+        row = tokenize_interaction(self.tokenizer, query, answer)["input_ids"]
         input_ids, attention_mask = self._left_pad([row])
         with self._lock:
             self._schedule_update(self.memory, input_ids, attention_mask)  # `.memory` waits for the previous update
@@ -203,6 +204,12 @@ class ReactiveSession:
         return [row[m].tolist() for row, m in zip(answers, keep)]
 
     # --- helpers -----------------------------------------------------------------------------------------------------
+    def _query_ids(self, query: str) -> list[int]:
+        """The ids between `[Q]` and `[A]` of a text query, as the curriculum trained on them."""
+        if self.tokenizer is None:
+            raise ValueError("ReactiveSession: text turns need a tokenizer; use interact_ids for token ids")
+        return interaction_prompt_ids(self.tokenizer, query)[1:-1]
+
     def _schedule_update(self, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         if self._executor is None:
             self._pending = Future()

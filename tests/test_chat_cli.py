@@ -16,6 +16,7 @@ import torch
 
 from rat_hf import RatConfig, RatForCausalLM, RxTConfig, RxTForCausalLM, cli
 from rat_hf.chat import ChatInterface, read_conversation, read_prompts
+from rat_hf.data.interactions import interaction_prompt_ids
 from rat_hf.tokenization import train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,10 +200,9 @@ def test_rxt_answers_from_memory_and_clear_resets_it(saved):
     after_one = bot.session.memory.clone()
     assert not torch.allclose(after_one, initial)  # the turn was folded into the memory
     bot.generate_response("What is my name?")
-    # the second turn read `[Q] query [A]` alone (no history) and the memory the first turn wrote
-    q, a = bot.session.query_token_id, bot.session.answer_token_id
-    assert spy.calls[1]["input_ids"][0].tolist() == [q, *tokenizer("What is my name?", add_special_tokens=False)[
-        "input_ids"], a]
+    # the second turn read `[Q] query [A]` alone (no history), tokenized as the curriculum trains on it, and the
+    # memory the first turn wrote
+    assert spy.calls[1]["input_ids"][0].tolist() == interaction_prompt_ids(tokenizer, "What is my name?")
     assert torch.equal(spy.calls[1]["memory"], after_one) and torch.equal(spy.calls[0]["memory"], initial)
     assert len(bot.history) == 4 and bot.session.turns == 2
     bot.clear()
@@ -218,14 +218,13 @@ def test_rxt_load_reencodes_the_turns_into_memory(saved, tmp_path, capsys, monke
     bot = ChatInterface(saved["rxt"], temperature=0, max_new_tokens=4)
     bot.generate_response("something else first")
     bot.load(talk)
-    model, q, a, eos = bot.model, bot.session.query_token_id, bot.session.answer_token_id, 2
-
-    def ids(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    model, eos = bot.model, 2
 
     with torch.no_grad():  # every user turn with its reply (the last has none), from the initial memory
         memory = model.init_memory(1)
-        for row in ([q, *ids("Hi, I am Ada."), a, *ids("Hello, Ada!"), eos], [q, *ids("Bye."), a, eos]):
+        for row in (interaction_prompt_ids(tokenizer, "Hi, I am Ada.")
+                    + tokenizer(" Hello, Ada!", add_special_tokens=False)["input_ids"] + [eos],
+                    interaction_prompt_ids(tokenizer, "Bye.") + [eos]):
             memory = model.update_memory(memory, torch.tensor([row]))
     assert torch.allclose(bot.session.memory, memory, atol=1e-6) and bot.session.turns == 2
     assert len(bot.history) == 3

@@ -18,6 +18,7 @@ from .corpora import (
 )
 from .interactions import (
     MRL_STRATEGIES,
+    interaction_prompt_ids,
     interaction_text,
     load_interactions,
     memory_recall_dataset,
@@ -38,6 +39,7 @@ __all__ = [
     "default_dialogs",
     "default_text_corpus",
     "get_statistics",
+    "interaction_prompt_ids",
     "interaction_text",
     "kv_pairs_dataset",
     "load_chat_jsonl",

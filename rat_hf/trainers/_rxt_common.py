@@ -120,10 +120,9 @@ def record_turns(record: dict, where: str = "record") -> list:
 
 def tokenize_turn(tokenizer, query: str, answer: str, max_length: int | None = None) -> list:
     """Token ids of one finished interaction as the encoder reads it: `[Q] query [A] answer EOS` (right-truncated)."""
-    from ..data.interactions import interaction_text
+    from ..data.interactions import tokenize_interaction
 
-    ids = tokenizer(interaction_text(query, answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return ids[:max_length] if max_length else ids
+    return tokenize_interaction(tokenizer, query, answer, max_length=max_length or None)["input_ids"]
 
 
 def pad_rows(rows: list, pad_value: int, length: int | None = None) -> torch.Tensor:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.interactions import interaction_text, mrl_recall_dataset
+from ..data.interactions import interaction_prompt_ids, mrl_recall_dataset
 from ..rewards.mrl import EmbeddingCosineReward, bleu_reward, exact_match_reward, length_ratio_reward
 from ..tokenization.special_tokens import reactive_token_ids
 from ._rxt_common import record_turns
@@ -84,9 +84,7 @@ def tokenize_mrl_row(tokenizer, row, args: RxTMRLConfig) -> dict:
     ids = reactive_token_ids(tokenizer)
     prompts, answers, saved, texts = [], [], [], []
     for query, answer in record_turns(row):
-        prompt = tokenizer(interaction_text(query), add_special_tokens=False)["input_ids"]
-        if prompt[0] != ids["query"] or prompt[-1] != ids["answer"]:
-            raise ValueError(f"the tokenizer does not keep [Q]/[A] as single tokens around {query!r}")
+        prompt = interaction_prompt_ids(tokenizer, query)
         if len(prompt) > args.max_prompt_length:
             prompt = prompt[: args.max_prompt_length - 1] + [ids["answer"]]
         reply = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..data.interactions import interaction_text, tokenize_interaction
+from ..data.interactions import interaction_prompt_ids, tokenize_interaction
 from ._ddp import configure_ddp_for_unused_parameters
 from ._rxt_common import record_turns
 from .rat_trainer import check_checkpoint
@@ -477,7 +477,7 @@ def recall_answers(model, tokenizer, records, batch_size: int = 32, max_new_toke
                        for t in batch]
             ids, mask = _pad(written, pad, left=False, device=device)
             memory = model.update_memory(memory, ids, mask)
-        prompts = [tokenizer(interaction_text(t[-1][0]), add_special_tokens=False)["input_ids"] for t in batch]
+        prompts = [interaction_prompt_ids(tokenizer, t[-1][0]) for t in batch]
         ids, mask = _pad(prompts, pad, left=True, device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, memory=memory, max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos, pad_token_id=pad)
