@@ -332,14 +332,14 @@ class TextTask:
     name = "text"
 
     def __init__(self, a, device):
-        # The records behind `default_text_corpus()` (which wraps them in a `datasets.Dataset`): read directly, so
-        # the bench runs on images without `datasets`.
-        from rat_hf.data.corpora import _stdlib_records, held_out
+        # The records behind `default_text_corpus()` (which wraps them in a `datasets.Dataset`), without `datasets`:
+        # the bench runs on images that lack it.
+        from rat_hf.data.corpora import default_text_records, held_out
         from rat_hf.tokenization import train_bpe_tokenizer
 
         self.a, self.device = a, device
         t0 = time.perf_counter()
-        texts = [r["text"] for r in _stdlib_records()[: a.text_max_docs]]
+        texts = [r["text"] for r in default_text_records(max_docs=a.text_max_docs)]
         train_docs = [t for t in texts if not held_out(t)]
         eval_docs = [t for t in texts if held_out(t)]
         tok = train_bpe_tokenizer(train_docs, a.bpe_vocab)

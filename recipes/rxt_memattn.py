@@ -16,13 +16,9 @@ README.md in `--output_dir`, the input of the memory-aware stage; `--push_to_hub
 
 import logging
 import shlex
-import sys
 from dataclasses import dataclass, field
 
-from transformers import set_seed
-
-from rat_hf.recipes._config import parse_args
-from rat_hf.recipes.rxt_stage import ConversationDataArguments
+from rat_hf.recipes.rxt_stage import ConversationDataArguments, start_stage
 from rat_hf.recipes.rxt_stage import StageModelArguments as ModelArguments
 from rat_hf.trainers._rxt_common import finish_stage, load_conversations, load_stage_model
 from rat_hf.trainers.rxt_memattn_config import RxTMemAttnConfig
@@ -37,13 +33,8 @@ class DataArguments(ConversationDataArguments):
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    margs, data, args = parse_args((ModelArguments, DataArguments, RxTMemAttnConfig), argv,
-                                   prog="recipes/rxt_memattn.py")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    margs.require_previous_stage("recipes/rxt_sft.py")
-    set_seed(args.seed)
-    push, args.push_to_hub = args.push_to_hub, False  # pushed once, with the card
+    argv, margs, data, args, push = start_stage((ModelArguments, DataArguments, RxTMemAttnConfig), argv,
+                                                prog="recipes/rxt_memattn.py", previous="recipes/rxt_sft.py")
 
     # ---- model -------------------------------------------------------------------------------------------------------
     model, tokenizer = load_stage_model(margs.model_name_or_path, attn_implementation=margs.attn_implementation)

@@ -17,14 +17,10 @@ Save: model + tokenizer + `training.png` (losses) + README.md in `--output_dir`,
 import json
 import logging
 import shlex
-import sys
 from dataclasses import dataclass, field
 
-from transformers import set_seed
-
 from rat_hf.data.interactions import interaction_text
-from rat_hf.recipes._config import parse_args
-from rat_hf.recipes.rxt_stage import ConversationDataArguments, StageModelArguments
+from rat_hf.recipes.rxt_stage import ConversationDataArguments, StageModelArguments, start_stage
 from rat_hf.trainers._rxt_common import finish_stage, load_conversations, load_stage_model, record_turns
 from rat_hf.trainers.rxt_pretrain_config import RxTPretrainConfig
 from rat_hf.trainers.rxt_pretrain_trainer import RxTPretrainTrainer, add_mask_token
@@ -83,12 +79,8 @@ def build_model(margs: ModelArguments, texts):
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    margs, data, args = parse_args((ModelArguments, DataArguments, RxTPretrainConfig), argv,
-                                   prog="recipes/rxt_pretrain.py")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    push, args.push_to_hub = args.push_to_hub, False  # pushed once, with the card
+    argv, margs, data, args, push = start_stage((ModelArguments, DataArguments, RxTPretrainConfig), argv,
+                                                prog="recipes/rxt_pretrain.py")
 
     # ---- data and model ----------------------------------------------------------------------------------------------
     texts = load_texts(data, args.seed)

@@ -15,13 +15,10 @@ interactions: the decoder's loss on the answer and its EOS only, the encoder's m
 
 import logging
 import shlex
-import sys
 
-from transformers import set_seed
-
-from rat_hf.recipes._config import parse_args
 from rat_hf.recipes.rxt_stage import ConversationDataArguments as DataArguments
 from rat_hf.recipes.rxt_stage import StageModelArguments as ModelArguments
+from rat_hf.recipes.rxt_stage import start_stage
 from rat_hf.trainers._rxt_common import finish_stage, load_conversations, load_stage_model
 from rat_hf.trainers.rxt_pretrain_trainer import add_mask_token
 from rat_hf.trainers.rxt_sft_config import RxTSFTConfig
@@ -31,12 +28,8 @@ logger = logging.getLogger("rat_hf.recipes.rxt")
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    margs, data, args = parse_args((ModelArguments, DataArguments, RxTSFTConfig), argv, prog="recipes/rxt_sft.py")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    margs.require_previous_stage("recipes/rxt_pretrain.py")
-    set_seed(args.seed)
-    push, args.push_to_hub = args.push_to_hub, False  # pushed once, with the card
+    argv, margs, data, args, push = start_stage((ModelArguments, DataArguments, RxTSFTConfig), argv,
+                                                prog="recipes/rxt_sft.py", previous="recipes/rxt_pretrain.py")
 
     # ---- model -------------------------------------------------------------------------------------------------------
     model, tokenizer = load_stage_model(margs.model_name_or_path, attn_implementation=margs.attn_implementation)

@@ -20,13 +20,9 @@ stage 5 (`recipes/rxt_mrl.py`); `--push_to_hub` uploads it.
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-from transformers import set_seed
-
-from rat_hf.recipes._config import parse_args
-from rat_hf.recipes.rxt_stage import ConversationDataArguments, write_card_and_push
+from rat_hf.recipes.rxt_stage import ConversationDataArguments, start_stage, write_card_and_push
 from rat_hf.recipes.rxt_stage import StageModelArguments as ModelArguments
 from rat_hf.trainers._rxt_common import load_conversations, load_stage_model, plot_log_history
 from rat_hf.trainers.rxt_smat_config import RxTSMATConfig
@@ -58,12 +54,8 @@ def evaluate_recall(model, tokenizer, distances, n: int, seed: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    margs, data, args = parse_args((ModelArguments, DataArguments, RxTSMATConfig), argv, prog="recipes/rxt_smat.py")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    margs.require_previous_stage("recipes/rxt_memattn.py")
-    set_seed(args.seed)
-    push, args.push_to_hub = args.push_to_hub, False  # pushed once at the end, with the card
+    argv, margs, data, args, push = start_stage((ModelArguments, DataArguments, RxTSMATConfig), argv,
+                                                prog="recipes/rxt_smat.py", previous="recipes/rxt_memattn.py")
 
     # ---- model -------------------------------------------------------------------------------------------------------
     model, tokenizer = load_stage_model(margs.model_name_or_path, attn_implementation=margs.attn_implementation)

@@ -42,6 +42,8 @@ def test_stdlib_corpus_is_deterministic_and_knobs_cut_a_prefix(corpus):
     assert cut == corpus["text"][:len(cut)] and sum(map(len, cut[:-1])) < 5000 <= sum(map(len, cut))
     with pytest.raises(ValueError, match="max_docs"):
         default_text_corpus(max_docs=0)
+    records = corpora.default_text_records(max_chars=5000)  # the same documents as plain dicts
+    assert [r["text"] for r in records] == cut and [r["source"] for r in records] == corpus["source"][:len(cut)]
 
 
 def test_disk_cache_written_once_and_reused(tmp_path, monkeypatch):
@@ -136,7 +138,9 @@ def test_data_and_tokenization_import_without_datasets():
     code = ("import sys; sys.modules['datasets'] = None\n"  # any `import datasets` now raises ImportError
             "import rat_hf.data, rat_hf.tokenization\n"
             "from rat_hf.data import RandomLanguageModel\n"
-            "print(RandomLanguageModel(4, 2, 1.0).sample(2, seed=0).shape)\n")
+            "print(RandomLanguageModel(4, 2, 1.0).sample(2, seed=0).shape)\n"
+            "from rat_hf.data import default_text_records\n"  # the corpus without `datasets` (the GPU image's benches)
+            "print('records', len(default_text_records(max_docs=3)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "torch.Size([2, 4])" in out.stdout
+    assert "torch.Size([2, 4])" in out.stdout and "records 3" in out.stdout

@@ -130,6 +130,21 @@ def _stdlib_records() -> tuple:
     return tuple(records)
 
 
+def default_text_records(max_docs: int | None = None, max_chars: int | None = None) -> list[dict]:
+    """The documents of `default_text_corpus` as plain `{"text", "source"}` dicts, without `datasets` (for scripts
+    that run where it is not installed, e.g. `bench/rat_ablation.py` on the GPU image). Same arguments."""
+    for name, value in (("max_docs", max_docs), ("max_chars", max_chars)):
+        if value is not None:
+            check_int(name, value, 1)
+    records, total = [], 0
+    for r in _stdlib_records()[:max_docs]:
+        if max_chars is not None and total >= max_chars:
+            break
+        records.append(dict(r))
+        total += len(r["text"])
+    return records
+
+
 def default_text_corpus(max_docs: int | None = None, max_chars: int | None = None):
     """English text from the installed stdlib's docs and docstrings: a `datasets.Dataset` (`text`, `source`).
 
@@ -138,15 +153,7 @@ def default_text_corpus(max_docs: int | None = None, max_chars: int | None = Non
     """
     from datasets import Dataset
 
-    for name, value in (("max_docs", max_docs), ("max_chars", max_chars)):
-        if value is not None:
-            check_int(name, value, 1)
-    records, total = [], 0
-    for r in _stdlib_records()[:max_docs]:
-        if max_chars is not None and total >= max_chars:
-            break
-        records.append(r)
-        total += len(r["text"])
+    records = default_text_records(max_docs, max_chars)
     return Dataset.from_dict({"text": [r["text"] for r in records], "source": [r["source"] for r in records]})
 
 
