@@ -16,4 +16,6 @@ Implementation: `rat_hf/recipes/attention_guided_rl.py`, `rat_hf/curriculum/`. R
 from rat_hf.recipes.attention_guided_rl import main
 
 if __name__ == "__main__":
-    main()
+    from rat_hf.recipes._config import run_cli
+
+    run_cli(main, "recipes/attention_guided_rl.py")

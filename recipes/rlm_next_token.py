@@ -11,4 +11,6 @@ and prints the final gap to the optimum. Implementation: `rat_hf/recipes/rlm_nex
 from rat_hf.recipes.rlm_next_token import main
 
 if __name__ == "__main__":
-    main()
+    from rat_hf.recipes._config import run_cli
+
+    run_cli(main, "recipes/rlm_next_token.py")

@@ -15,4 +15,6 @@ import sys
 from rat_hf.recipes.rxt_pipeline import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rat_hf.recipes._config import run_cli
+
+    run_cli(lambda: sys.exit(main()), "recipes/rxt_pipeline.py")  # main returns the exit status

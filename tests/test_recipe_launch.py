@@ -96,3 +96,34 @@ def test_the_command_prints_one_line(tmp_path):
     assert errors[-1].startswith(f"recipes/rxt_sft.py: error: {FSDP_MESSAGE}"), errors[-3:]
     assert sum(": error: " in line for line in errors) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_every_recipe_command_reports_a_bad_argument_in_one_line(tmp_path):
+    """`python recipes/<name>.py --config missing.yaml` for every recipe (the pipeline too): one error line naming
+    the file, exit code 2, no traceback. One interpreter runs them all (`runpy`, as `python FILE` would)."""
+    names = RECIPES + ["rxt_pipeline"]
+    code = (
+        "import contextlib, io, runpy, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    sys.argv = [f'recipes/{name}.py', '--config', 'missing.yaml']\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        try:\n"
+        "            runpy.run_path(str(ROOT / 'recipes' / f'{name}.py'), run_name='__main__')\n"
+        "            status = 0\n"
+        "        except SystemExit as stop:\n"
+        "            status = stop.code\n"
+        "    lines = [x for x in err.getvalue().splitlines() if x.strip()]\n"
+        "    print(repr((name, status, lines[-1:] if lines else [], any('Traceback' in x for x in lines))))\n"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", f"from pathlib import Path; ROOT = Path({str(ROOT)!r})\n" + code,
+                             *names], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import ast
+
+    rows = [ast.literal_eval(line) for line in result.stdout.splitlines() if line.startswith("(")]
+    assert [r[0] for r in rows] == names
+    for name, status, last, traceback in rows:
+        assert status == 2 and not traceback, (name, status, last)
+        assert "missing.yaml" in last[0] and ": error: " in last[0], (name, last)
