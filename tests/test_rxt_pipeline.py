@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("datasets")
 from rat_hf.recipes.rxt_pipeline import REPO_ROOT, STAGES, main, parse_pipeline, run_pipeline, stage_argv  # noqa: E402
 
-# The recall check runs the preset exactly as documented (5-7 minutes on 2 cores): opt in with RAT_HF_SLOW_TESTS=1.
+# The recall check runs the preset exactly as documented (about 5 minutes on 2 cores): opt in with RAT_HF_SLOW_TESTS=1.
 # By default the pipeline's mechanics run with a few steps per stage and the recall check is skipped (visibly).
 SLOW = os.environ.get("RAT_HF_SLOW_TESTS") == "1"
 QUIET = [x for s in STAGES for x in ("--set", f"{s}.disable_tqdm=true")]
@@ -47,7 +47,7 @@ def test_the_tiny_pipeline_runs_every_stage_in_order_and_records_wall_times(pipe
     assert written["missing"] == []
 
 
-@pytest.mark.skipif(not SLOW, reason="runs the preset as documented (5-7 minutes): set RAT_HF_SLOW_TESTS=1")
+@pytest.mark.skipif(not SLOW, reason="runs the preset as documented (about 5 minutes): set RAT_HF_SLOW_TESTS=1")
 def test_the_result_remembers_a_fact_across_turns_in_a_session(pipeline):
     """Held-out memory-recall episodes at distance 1 (fact, one distractor, question): told through
     `ReactiveSession.remember` and asked with `interact`, recall is above chance and drops with the memory reset;
@@ -80,12 +80,14 @@ def test_the_result_remembers_a_fact_across_turns_in_a_session(pipeline):
             chat.generate_response(q)
         hits["chat"] += chat.generate_response(question).strip() == answer
     recall = {k: v / len(episodes) for k, v in hits.items()}
+    print(f"recall one turn back over {len(episodes)} held-out conversations: {recall}")
     # chance: the best memoryless guess per attribute (1 in 10 for color/city/pet, 1 in 99 number, 1 in 9000 code)
-    # averages ~0.06 over the five attributes. Measured with the preset: 0.342 with the memory, 0.033 reset,
-    # 0.308 through the chat interface.
-    assert recall["memory"] >= 0.2, recall
-    assert recall["memory"] >= recall["reset"] + 0.15, recall
-    assert recall["chat"] >= 0.2, recall
+    # averages ~0.06 over the five attributes. Measured with the preset (seed 0): 0.65 with the memory, 0.01 reset,
+    # 0.65 through the chat interface (0.45 / 0.44 with 32 SMAT episodes a step; 0.34 / 0.31 before the session
+    # tokenized turns as training does). Other seeds: 0.27-0.56 (recipes/configs/rxt_pipeline_tiny.yaml).
+    assert recall["memory"] >= 0.4, recall
+    assert recall["memory"] >= recall["reset"] + 0.3, recall
+    assert recall["chat"] >= 0.4, recall
 
 
 def test_a_missing_recipe_is_skipped_loudly_and_the_exit_status_says_so(tmp_path, capsys, pipeline):
