@@ -232,7 +232,7 @@ def plot_mrl(curves: dict, path: Path, boundaries=()) -> None:
     plt.close(fig)
 
 
-def plot_smat(losses: list, path: Path) -> None:
+def plot_smat(losses: list, path: Path, batch: int) -> None:
     """SMAT's training loss (answers + EOS of every turn) against the optimizer step, log scale."""
     import matplotlib
 
@@ -241,7 +241,7 @@ def plot_smat(losses: list, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(*zip(*losses), marker=".")
-    ax.set(xlabel="optimizer step (256 episodes)", ylabel="training loss", yscale="log",
+    ax.set(xlabel=f"optimizer step ({batch} episodes)", ylabel="training loss", yscale="log",
            title="RxT SMAT (stage 4) on memory-recall episodes")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -313,7 +313,7 @@ def main(argv=None) -> dict:
                   smat_loss=[(h["step"], h["loss"]) for h in smat_state.get("log_history", []) if "loss" in h])
     if result["smat_loss"]:
         smat_png = out.with_name(out.stem + "_smat_training.png")
-        plot_smat(result["smat_loss"], smat_png)
+        plot_smat(result["smat_loss"], smat_png, s["batch"])
         result["smat_training_png"] = str(smat_png)
     mrl_logs = {"group": load_json(work / "mrl" / "mrl.json")}
     result["mrl"] = {"group": mrl_logs["group"].get("metrics")}

@@ -147,7 +147,11 @@ class ReactiveSession:
 
         worker = threading.Thread(target=run, name="rxt-generate", daemon=True)
         worker.start()
-        yield from streamer
+        first = True
+        for piece in streamer:  # the pieces join to what `interact` returns: the format's leading space left out
+            if first and piece:
+                piece, first = piece.removeprefix(" "), False
+            yield piece
         worker.join()
         if failure:
             raise failure[0]
@@ -171,7 +175,7 @@ class ReactiveSession:
         if self.batch_size != 1:
             raise ValueError(f"ReactiveSession.remember: takes one interaction; this session holds {self.batch_size}")
         query, answer = self._as_batch(query)[0], self._as_batch(answer)[0]
-        row = tokenize_interaction(self.tokenizer, query, answer)["input_ids"]
+        row = tokenize_interaction(self.tokenizer, query, answer)["input_ids"][:-1] + [self.eos_token_id]
         input_ids, attention_mask = self._left_pad([row])
         with self._lock:
             self._schedule_update(self.memory, input_ids, attention_mask)  # `.memory` waits for the previous update
@@ -253,7 +257,9 @@ class ReactiveSession:
         return [query] if isinstance(query, str) else list(query)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        # the format puts a space between `[A]` and the answer (`tokenize_interaction`): it belongs to the format, not
+        # to the answer, so `remember(query, interact(query))` writes what the live turn wrote
+        return self.tokenizer.decode(ids, skip_special_tokens=True).removeprefix(" ")
 
     def close(self) -> None:
         """Finish the pending update and stop the worker thread."""

@@ -126,4 +126,4 @@ def test_every_recipe_command_reports_a_bad_argument_in_one_line(tmp_path):
     assert [r[0] for r in rows] == names
     for name, status, last, traceback in rows:
         assert status == 2 and not traceback, (name, status, last)
-        assert "missing.yaml" in last[0] and ": error: " in last[0], (name, last)
+        assert "missing.yaml" in last[0] and "no such file" in last[0] and ": error: " in last[0], (name, last)

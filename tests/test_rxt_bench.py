@@ -54,3 +54,31 @@ def test_attention_bench(tmp_path):
     assert all(r["batch"] * r["seq_len"] == 512 and r["fwd_bwd_ms"] > 0 for r in rows)
     assert all(r["fwd_speedup_vs_gqa"] == 1.0 for r in rows if r["variant"] == "gqa")
     assert (tmp_path / "attn.png").exists()
+
+
+def test_tiny_preset_seeds_bench_runs_the_preset_and_appends_rows(tmp_path):
+    """`bench/rxt_tiny_preset_seeds.py` with every stage cut to a few steps: one row per seed, appended to the file,
+    recall measured on the final and the SMAT model (numbers meaningless at this length, only their range)."""
+    pytest = __import__("pytest")
+    pytest.importorskip("datasets")
+    path = os.path.join(BENCH, "rxt_tiny_preset_seeds.py")
+    out = tmp_path / "seeds.json"
+    short = ["pretrain.max_steps=4", "pretrain.recall_conversations=60", "sft.max_steps=2",
+             "sft.recall_conversations=60", "memattn.max_steps=2", "memattn.recall_conversations=40",
+             "smat.max_steps=3", "smat.recall_conversations=100", "smat.eval_conversations=4",
+             "mrl.curriculum_steps=[1,1]", "mrl.recall_conversations=16"]
+    argv, sys.argv = sys.argv, [path, "--seeds", "0", "--work", str(tmp_path / "work"), "--out", str(out), "--name",
+                                "short", *[x for kv in short for x in ("--set", kv)]]
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(path, run_name="__main__")
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    record = json.loads(out.read_text())
+    assert {"device", "date", "command", "rows"} <= set(record)
+    (row,) = record["rows"]
+    assert row["variant"] == "short" and row["seed"] == 0 and row["overrides"] == short
+    for measured in (row, row["after_smat"]):
+        assert all(0.0 <= measured[k] <= 1.0 for k in ("session_recall_d1", "recall_accuracy_d1", "recall_accuracy_d2"))
+    assert (tmp_path / "work" / "short_seed0" / "final" / "config.json").is_file()

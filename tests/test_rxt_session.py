@@ -278,6 +278,50 @@ def test_text_turns_read_and_write_exactly_what_the_curriculum_trains_on(tokeniz
     query = "what is my name?"
     answer = "".join(chat.interact_stream(query)) if streamed else chat.interact(query)
     expected_prompt = interaction_prompt_ids(tokenizer, query)
+    bare = [model.config.query_token_id, *tokenizer(query, add_special_tokens=False)["input_ids"],
+            model.config.answer_token_id]
+    assert expected_prompt != bare  # what the session read before
     assert prompts == [expected_prompt]
     assert written[0][: len(expected_prompt)] == expected_prompt and written[0][-1] == model.config.eos_token_id
-    assert tokenizer.decode(written[0][len(expected_prompt):-1], skip_special_tokens=True) == answer
+    decoded = tokenizer.decode(written[0][len(expected_prompt):-1], skip_special_tokens=True)
+    assert decoded.removeprefix(" ") == answer  # the format's space before the answer is not part of it
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_remembered_answer_writes_what_the_live_turn_wrote(tokenizer, streamed):
+    """`interact` returns the answer without the format's leading space, so saving a chat and restoring it with
+    `remember(query, answer)` (what rat-chat's save/load does) writes the same ids as the live turn. The model's
+    output is fixed to a canonical answer: a random model's pieces need not re-tokenize to themselves."""
+    from rat_hf.data.interactions import tokenize_interaction
+
+    model = tiny_model(vocab_size=300)
+    query, reply = "what is my name?", "my name is Ada"
+    reply_ids = tokenizer(" " + reply, add_special_tokens=False)["input_ids"] + [model.config.eos_token_id]
+    real_generate = model.generate
+
+    def generate(*args, input_ids, streamer=None, **kwargs):  # the prompt, then the reply and EOS, as generate does
+        output = torch.cat([input_ids, torch.tensor([reply_ids])], dim=-1)
+        if streamer is not None:  # what generate hands a streamer: the prompt, then each new token, then the end
+            streamer.put(input_ids)
+            for token in reply_ids:
+                streamer.put(torch.tensor([token]))
+            streamer.end()
+        return output
+
+    written = []
+    real_update = model.update_memory
+
+    def update_memory(memory, input_ids, attention_mask=None):
+        written.append(input_ids[0][attention_mask[0].bool()].tolist())
+        return real_update(memory, input_ids, attention_mask)
+
+    model.generate, model.update_memory = generate, update_memory
+    live = session(model, tokenizer=tokenizer, background=False)
+    answer = "".join(live.interact_stream(query)) if streamed else live.interact(query)
+    assert answer == reply
+    restored = session(model, tokenizer=tokenizer, background=False)
+    restored.remember(query, answer)
+    model.generate, model.update_memory = real_generate, real_update
+    assert written[0] == written[1] == tokenize_interaction(tokenizer, query, reply)["input_ids"]
+    # the same ids; the live row carries one masked slot more (the EOS it would have added), hence float noise
+    torch.testing.assert_close(restored.memory, live.memory, rtol=0, atol=1e-6)

@@ -79,7 +79,7 @@ def interaction_prompt_ids(tokenizer, query: str) -> list[int]:
     The text `interaction_text(query)` is tokenized as one string, so a byte-level BPE sees the spaces around the
     query (`[Q]`, ` Please`, ..., ` `, `[A]`). Inference must build its prompts with this function too
     (`ReactiveSession`, `rat-chat` do): the same words tokenized without those spaces are other pieces, and a model
-    trained on one form recalls worse from the other (tiny preset: 0.53 vs 0.34). ValueError unless the ids open
+    trained on one form recalls worse from the other (tiny preset: 0.45 vs 0.34). ValueError unless the ids open
     with the tokenizer's `[Q]` and end with its `[A]` (`add_reactive_special_tokens`).
     """
     from ..tokenization.special_tokens import reactive_token_ids
@@ -97,8 +97,9 @@ def tokenize_interaction(tokenizer, query: str, answer: str, max_length: int | N
     """Decoder inputs for one interaction: `[Q] query [A] answer EOS`, labels only on `answer EOS`.
 
     The prompt is `interaction_prompt_ids`, the answer is tokenized with a leading space (as it follows `[A] ` in
-    `interaction_text(query, answer)`; an empty answer is EOS alone). Needs the reactive tokens (`add_reactive_special_tokens`). `max_length`
-    truncates from the right. What a finished turn writes into memory is the same `input_ids`.
+    `interaction_text(query, answer)`; an empty answer is EOS alone). Needs the reactive tokens
+    (`add_reactive_special_tokens`). `max_length` truncates from the right. What a finished turn writes into memory
+    is the same `input_ids`.
     """
     prompt = interaction_prompt_ids(tokenizer, query)
     reply = (tokenizer(" " + answer, add_special_tokens=False)["input_ids"] if answer else []) + [tokenizer.eos_token_id]
