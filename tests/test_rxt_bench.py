@@ -10,16 +10,23 @@ import torch
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
-def run_bench(script: str, out, *args) -> dict:
-    """Runs the script as `python bench/<script> --device cpu --tiny ...` would, in this process (no import cost)."""
+def run_script(script: str, *args) -> str:
+    """Runs `python bench/<script> ARGS` in this process (no import cost); restores argv, sys.path, torch threads."""
     path = os.path.join(BENCH, script)
-    argv, sys.argv = sys.argv, [path, "--device", "cpu", "--tiny", "--out", str(out), *args]
+    argv, threads, sys.argv = sys.argv, torch.get_num_threads(), [path, *map(str, args)]
     sys.path.insert(0, BENCH)
     try:
         runpy.run_path(path, run_name="__main__")
     finally:
         sys.argv = argv
         sys.path.remove(BENCH)
+        torch.set_num_threads(threads)
+    return path
+
+
+def run_bench(script: str, out, *args) -> dict:
+    """Runs the script as `python bench/<script> --device cpu --tiny ...` would, in this process."""
+    path = run_script(script, "--device", "cpu", "--tiny", "--out", out, *args)
     assert torch.is_grad_enabled()  # the script left this process as it found it
     record = json.loads(out.read_text())
     assert record["device"] == "cpu" and record["command"].startswith(f"python {path} --device cpu --tiny")
@@ -61,20 +68,13 @@ def test_tiny_preset_seeds_bench_runs_the_preset_and_appends_rows(tmp_path):
     recall measured on the final and the SMAT model (numbers meaningless at this length, only their range)."""
     pytest = __import__("pytest")
     pytest.importorskip("datasets")
-    path = os.path.join(BENCH, "rxt_tiny_preset_seeds.py")
     out = tmp_path / "seeds.json"
     short = ["pretrain.max_steps=4", "pretrain.recall_conversations=60", "sft.max_steps=2",
              "sft.recall_conversations=60", "memattn.max_steps=2", "memattn.recall_conversations=40",
              "smat.max_steps=3", "smat.recall_conversations=100", "smat.eval_conversations=4",
              "mrl.curriculum_steps=[1,1]", "mrl.recall_conversations=16"]
-    argv, sys.argv = sys.argv, [path, "--seeds", "0", "--work", str(tmp_path / "work"), "--out", str(out), "--name",
-                                "short", *[x for kv in short for x in ("--set", kv)]]
-    threads = torch.get_num_threads()
-    try:
-        runpy.run_path(path, run_name="__main__")
-    finally:
-        sys.argv = argv
-        torch.set_num_threads(threads)
+    run_script("rxt_tiny_preset_seeds.py", "--seeds", 0, "--work", tmp_path / "work", "--out", out, "--name", "short",
+               *[x for kv in short for x in ("--set", kv)])
     record = json.loads(out.read_text())
     assert {"device", "date", "command", "rows"} <= set(record)
     (row,) = record["rows"]
