@@ -152,7 +152,7 @@ def train_llama(tokenizer, rxt_config, records, steps: int, batch: int, lr: floa
 @torch.no_grad()
 def llama_answers(model, tokenizer, records, batch_size: int = 32) -> list[str]:
     """The greedy answer (stripped) to the last question, prompted with the full history and the question."""
-    from rat_hf.data.interactions import interaction_text, tokenize_interaction, turns
+    from rat_hf.data.interactions import interaction_prompt_ids, tokenize_interaction, turns
 
     model.eval()
     device = next(model.parameters()).device
@@ -164,7 +164,7 @@ def llama_answers(model, tokenizer, records, batch_size: int = 32) -> list[str]:
         for r in batch:
             t = turns(r)
             ids = [i for q, a in t[:-1] for i in tokenize_interaction(tokenizer, q, a)["input_ids"]]
-            prompts.append(ids + tokenizer(interaction_text(t[-1][0]), add_special_tokens=False)["input_ids"])
+            prompts.append(ids + interaction_prompt_ids(tokenizer, t[-1][0]))
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
